@@ -1,0 +1,3 @@
+from pdengine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Small adapters between pdengine and Hugging Face causal LMs.
+
+pdengine never asks a model for logits in training or prefill: it runs the model body
+(embeddings, blocks, final norm) and hands the final hidden states to a fused op
+together with the lm_head weight. These helpers find those pieces on any HF causal LM
+and build the block attention masks used for packed and shared-prefix sequences.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def model_body(model):
+    """The decoder stack without the lm_head (LlamaModel inside LlamaForCausalLM, ...)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None:
+        body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if body is None:
+        raise ValueError(f"cannot find the decoder body of {type(model).__name__}")
+    return body
+
+
+def output_layer(model):
+    """The lm_head module (`model.get_output_embeddings()`)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return head
+
+
+def final_logit_softcap(model) -> float | None:
+    """Gemma 2 and later soft-cap their logits: c * tanh(u / c)."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def segment_attention_mask(segment_ids: torch.Tensor, parent=None) -> torch.Tensor:
+    """Boolean `[1, 1, T, T]` mask for one packed row (True = may attend).
+
+    Token t attends to an earlier-or-same token s when both lie in the same segment, or
+    when s lies in the parent segment of t's segment (`parent[seg] = -1` for none). Packed
+    training uses no parents (sequences isolated); shared-prefix prefill makes every QA
+    suffix a child of its document's prefix segment.
+    """
+    seg = segment_ids.reshape(-1)
+    same = seg[:, None] == seg[None, :]
+    if parent is not None:
+        parent = torch.as_tensor(parent, device=seg.device)
+        same = same | (parent[seg][:, None] == seg[None, :])
+    causal = torch.ones_like(same).tril()
+    return (same & causal)[None, None]
+
+
+def hidden_states(model, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """Final (normed) hidden states `[B, T, d]` of the model body; no logits are formed."""
+    out = model_body(model)(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -1,0 +1,44 @@
+"""Shared test set-up.
+
+On a machine without a GPU, Triton kernels run in the interpreter; TRITON_INTERPRET
+must be set before triton is first imported, hence here at the very top.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pdengine  # noqa: E402  (registers torch.ops.pdengine)
+from pdengine.ops import _library  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["triton", "cpp"]
+
+
+def backend_op(backend: str, name: str):
+    """The raw forward/backward function of op `name` for `backend`, with the schema's
+    positional signature (see pdengine/ops/_library.py SCHEMAS). Test files parametrize
+    over BACKENDS so the Triton and C++ versions share every case.
+    """
+    if backend == "triton":
+        from importlib import import_module
+
+        return getattr(import_module(f"pdengine.kernels.{name.removesuffix('_backward')}"), name)
+    if backend == "cpp":
+        if not _library.HAS_CPP:
+            pytest.fail("the C++ extension pdengine._C is not built (run ./run.sh test)")
+        return getattr(torch.ops.pdengine, name)
+    raise ValueError(backend)
+
+
+def backend_device(backend: str) -> str:
+    """Triton runs on the GPU when there is one; C++ always on the CPU."""
+    return "cpu" if backend == "cpp" else DEVICE
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
