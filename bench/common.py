@@ -1,0 +1,127 @@
+"""Shared benchmark utilities: timing, peak memory, environment tags, result files.
+
+Bench scripts run as `python bench/NAME.py` (or `pdengine bench NAME`) and import this
+module as `from common import ...`. Every bench script measures its baselines in the same run and saves rows through
+`save_results`, which tags them with the device and library versions.
+
+Peak memory:
+- CUDA: `torch.cuda.max_memory_allocated` above what was allocated before the call.
+- CPU: the rise of the process's peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) above its resident set before the call. It counts every
+  allocation, C++ included, at page granularity; run a warm-up first so lazy
+  initialisation is not charged to the measured call.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device=None):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, warmup: int = 2, reps: int = 5) -> dict:
+    """Median and 20/80 % quantiles of fn's wall time in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "reps": reps}
+
+
+def _proc_status_bytes(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def peak_memory(fn) -> int:
+    """Bytes of memory fn adds at its peak (see module docstring for the method)."""
+    if torch.cuda.is_available():
+        _sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        _sync()
+        return torch.cuda.max_memory_allocated() - base
+    if not Path("/proc/self/clear_refs").exists():
+        return -1  # not Linux: unknown
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _proc_status_bytes("VmRSS")
+    fn()
+    return _proc_status_bytes("VmHWM") - base
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def environment() -> dict:
+    env = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def save_results(name: str, rows: list[dict]) -> Path:
+    """Write bench/results/<name>.json (rows + environment) and <name>.csv; returns the JSON path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    json_path = RESULTS_DIR / f"{name}.json"
+    json_path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    keys = sorted({k for r in rows for k in r})
+    with (RESULTS_DIR / f"{name}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["device", *keys])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"device": env["device"], **r})
+    return json_path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """A plain aligned table on stdout."""
+    cells = [[str(c) for c in columns]] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
