@@ -1,0 +1,207 @@
+"""Triton kernel for `teacher_topk`: lm_head GEMM + streaming top-k + log-sum-exp.
+
+For hidden `h [N, d]` and lm_head `W [V, d]`: `z = softcap(h W^T) / temperature`; return
+the k largest z per row (ids, sorted descending) and `z_ids - lse(z)`, never storing the
+`[N, V]` logits.
+
+Design (two stages, bounded memory):
+1. `_chunk_topk_kernel`, one program per (block of BLOCK_N tokens, vocabulary chunk).
+   It walks its chunk tile by tile (BLOCK_V ids per tile): the GEMM tile in fp32, an
+   online max / sum-of-exp for the chunk's log-sum-exp, and a running top-K of the chunk
+   (K = next power of two >= k). It writes K candidate keys per (token, chunk) and one
+   lse per (token, chunk): O(N * n_chunks * K) memory, a few % of N * V.
+2. The launcher merges in torch: `topk` over the N x (n_chunks * K) candidate keys and a
+   logsumexp over the chunk lse values; O(N * n_chunks * K), no host sync.
+
+A candidate is one int64 *key*: the high 32 bits are the fp32 value z mapped to an int32
+that sorts like the float, the low 32 bits are `2^32 - 1 - id`. So a single integer max
+finds the largest z, ties going to the smallest id, and torch.topk on keys is the merge.
+The running top-K is updated by K rounds of max-extraction over (running top-K + tile),
+skipped when no row of the block has a tile value above its current K-th best.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOW32 = 0xFFFFFFFF
+_SIGN_FLIP = 0x7FFFFFFF
+# Target vocabulary ids per chunk: bounds the candidate buffer to ~K / _CHUNK_V of N * V
+# (1.6 % for k=64) while leaving (N / BLOCK_N) * (V / _CHUNK_V) programs to fill a GPU.
+_CHUNK_V = 4096
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp, stable for any |x| (exp(-2|x|) never overflows); abs. error ~1e-7.
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _to_keys(z, vocab_ids, valid):
+    """int64 keys ordered like (z descending, id ascending); invalid -> the minimum key."""
+    bits = z.to(tl.int32, bitcast=True)
+    # negative floats: flip the magnitude bits so that the int32 order is the float order
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    low = tl.full(vocab_ids.shape, 0xFFFFFFFF, tl.int64) - vocab_ids.to(tl.int64)
+    keys = (ordered.to(tl.int64) << 32) | low
+    min_key = tl.full(keys.shape, -9223372036854775807 - 1, tl.int64)
+    return tl.where(valid, keys, min_key)
+
+
+@triton.jit
+def _merge_topk(running, tile_keys, K: tl.constexpr):
+    """The K largest keys of `running` [BN, K] (sorted, descending) and `tile_keys` [BN, BV].
+
+    K rounds of max-extraction; keys are unique (distinct ids), so removing the extracted
+    key by equality removes exactly one element. Returns the new sorted running top-K.
+    """
+    slots = tl.arange(0, K)[None, :]
+    min_key = -9223372036854775807 - 1
+    merged = tl.full(running.shape, min_key, tl.int64)
+    for j in range(K):
+        best = tl.maximum(tl.max(running, axis=1), tl.max(tile_keys, axis=1))[:, None]
+        merged = tl.where(slots == j, best, merged)
+        running = tl.where(running == best, min_key, running)
+        tile_keys = tl.where(tile_keys == best, min_key, tile_keys)
+    return merged
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, row_mask, vocab_ids, vocab_mask, D,
+                 stride_hn, stride_hd, stride_wv, stride_wd,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 IEEE_FP32: tl.constexpr):
+    """u = h[rows] @ W[vocab_ids]^T for one tile, accumulated in fp32."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    w_rows = w_ptr + vocab_ids.to(tl.int64)[:, None] * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        h = tl.load(h_rows + cols[None, :] * stride_hd, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        w = tl.load(w_rows + cols[None, :] * stride_wd, mask=vocab_mask[:, None] & col_mask[None, :], other=0.0)
+        if h.dtype == tl.float64:  # fp64 inputs: the contract is fp32 accumulation
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE_FP32:  # full fp32 products: tf32 would reorder near-tied top-k ids
+            acc += tl.dot(h, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(h, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _chunk_topk_kernel(
+    h_ptr, w_ptr, keys_ptr, lse_ptr,
+    N, V, D, n_tiles, tiles_per_chunk, n_chunks, inv_temperature, softcap,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    SOFTCAP: tl.constexpr, IEEE_FP32: tl.constexpr, K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), tl.float32)
+    top = tl.full((BLOCK_N, K), -9223372036854775807 - 1, tl.int64)
+
+    first_tile = chunk * tiles_per_chunk
+    for t in range(first_tile, tl.minimum(first_tile + tiles_per_chunk, n_tiles)):
+        vocab_ids = t * BLOCK_V + tl.arange(0, BLOCK_V)
+        vocab_mask = vocab_ids < V
+        u = _logits_tile(h_ptr, w_ptr, rows, row_mask, vocab_ids, vocab_mask, D,
+                         stride_hn, stride_hd, stride_wv, stride_wd,
+                         BLOCK_N, BLOCK_V, BLOCK_D, IEEE_FP32)
+        if SOFTCAP:
+            u = softcap * _tanh(u / softcap)
+        z = tl.where(vocab_mask[None, :], u * inv_temperature, float("-inf"))
+
+        # online log-sum-exp (every chunk holds >= 1 valid id, so the max is finite)
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        running_max = new_max
+
+        tile_keys = _to_keys(z, vocab_ids[None, :], vocab_mask[None, :] & row_mask[:, None])
+        kth_best = tl.min(top, axis=1)
+        if tl.max((tl.max(tile_keys, axis=1) > kth_best).to(tl.int32), axis=0) > 0:
+            top = _merge_topk(top, tile_keys, K)
+
+    out_rows = rows.to(tl.int64) * n_chunks + chunk
+    tl.store(lse_ptr + out_rows, running_max + tl.log(running_sum), mask=row_mask)
+    slots = tl.arange(0, K)
+    tl.store(keys_ptr + out_rows[:, None] * K + slots[None, :], top, mask=row_mask[:, None])
+
+
+def _decode_keys(keys: torch.Tensor):
+    """(values fp32, ids int64) from the int64 keys written by the kernel."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = torch.where(ordered < 0, ordered ^ _SIGN_FLIP, ordered)
+    values = bits.view(torch.float32)
+    ids = _LOW32 - (keys & _LOW32)
+    return values, ids
+
+
+def _block_config(k_pad: int, device_type: str):
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps): one fixed config per device kind.
+
+    GPU: the running top-K [BLOCK_N, K] int64 lives in registers, so BLOCK_N shrinks as K
+    grows. CPU interpreter: bigger tiles mean fewer interpreted steps.
+    """
+    if device_type != "cuda":
+        return 16, 128, 64, 4
+    block_n = 64 if k_pad <= 32 else (32 if k_pad <= 64 else 16)
+    return block_n, 128, 64, 8
+
+
+def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, softcap: float):
+    """Launcher with the op's schema: `(ids [N, k] int64, logprobs [N, k] float32)`.
+
+    hidden [N, d], weight [V, d] (same dtype and device), 1 <= k <= V, temperature > 0,
+    softcap 0.0 for none. Output sorted by descending probability, ties by smaller id.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, d] and weight [V, d] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or hidden.device != weight.device:
+        raise ValueError("hidden and weight must have the same dtype and device")
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    if not 0 < k <= vocab:
+        raise ValueError(f"k must be in [1, V={vocab}], got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if vocab >= 2**31:
+        raise ValueError(f"vocabulary size {vocab} does not fit the 32-bit id field of the keys")
+    ids_out = torch.empty((n, k), dtype=torch.int64, device=hidden.device)
+    logprobs_out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return ids_out, logprobs_out
+
+    k_pad = triton.next_power_of_2(k)
+    block_n, block_v, block_d, num_warps = _block_config(k_pad, hidden.device.type)
+    n_tiles = triton.cdiv(vocab, block_v)
+    tiles_per_chunk = triton.cdiv(n_tiles, triton.cdiv(vocab, _CHUNK_V))
+    n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)  # every chunk has >= 1 valid id
+
+    keys = torch.empty((n, n_chunks, k_pad), dtype=torch.int64, device=hidden.device)
+    chunk_lse = torch.empty((n, n_chunks), dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(n, block_n), n_chunks)
+    _chunk_topk_kernel[grid](
+        hidden, weight, keys, chunk_lse,
+        n, vocab, d, n_tiles, tiles_per_chunk, n_chunks, 1.0 / temperature, float(softcap or 1.0),
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        SOFTCAP=bool(softcap), IEEE_FP32=hidden.dtype in (torch.float32, torch.float64), K=k_pad,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps,
+    )
+
+    best_keys = keys.view(n, n_chunks * k_pad).topk(k, dim=1, sorted=True).values
+    values, ids = _decode_keys(best_keys)
+    lse = torch.logsumexp(chunk_lse, dim=1, keepdim=True)
+    ids_out.copy_(ids)
+    logprobs_out.copy_(values - lse)
+    return ids_out, logprobs_out
