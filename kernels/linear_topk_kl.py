@@ -1,0 +1,504 @@
+"""Fused lm_head + top-k KL loss in Triton: the [N, V] logits never exist.
+
+Math: DESIGN.md section 3. Four kernels, all accumulating in fp32:
+
+forward
+  _lse_kernel        grid (token blocks): logit tiles h W^T + (s h A^T) B^T, soft-cap,
+                     temperature, online max/sum over vocabulary tiles -> lse [N].
+  _sparse_fwd_kernel grid (tokens): the logits at the k teacher ids (and the label) as
+                     k dot products of h with W rows (O(k d) per token, d chunked), then
+                     the per-token KL (+ CE) from them and lse -> loss [N].
+backward (G = dL/du = dense part c_n q_v scaled per row + sparse part at the ids/label)
+  _sparse_bwd_kernel grid (tokens): recomputes the logits at the ids, writes the dense
+                     row coefficient, initialises dh and (G B) with the sparse part and
+                     scatters the sparse part into dW and dB (fp32 atomics).
+  _dense_bwd_kernel  grid (token blocks, vocabulary blocks): recomputes one logit tile,
+                     G tile = coef_n * q * softcap'(u), then adds G W into dh, G^T h into
+                     dW, G B into (G B) and G^T (s h A^T) into dB with fp32 atomics.
+                     Each output element receives V/BLOCK_V (dh) or N/BLOCK_N (dW) adds;
+                     the alternative (one kernel per output, each recomputing the
+                     logits) costs 2 N d V more FLOPs.
+
+LoRA: the launchers compute hA = s * h A^T [N, r] and, in the backward, finish
+dh += s (G B) A and dA = s (G B)^T h with small torch matmuls (O(N r d), no [N, V]).
+
+The launchers take the schema's positional arguments (pdengine/ops/_library.py); argument
+checking with clear errors is the front-end's job (pdengine/ops/linear_topk_kl.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Same constant as pdengine.reference.TAIL_MASS_EPS (not imported: kernels stay free of
+# the library; a test checks the two agree).
+TAIL_MASS_EPS = 1e-6
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# One fixed config per kernel. GPU: tiles sized for H100-class tensor cores. Interpreter:
+# larger vocabulary tiles and fewer programs, since each interpreted op costs the same
+# whatever its size.
+if _INTERPRET:
+    _FWD = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1)
+    _BWD = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1)
+    _SPARSE_BLOCK_D = 128
+else:
+    _FWD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    _BWD = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)
+    _SPARSE_BLOCK_D = 128
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _tanh(x):
+    # tanh via exp of a non-positive argument: no overflow, works in the interpreter.
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _logit_tile(
+    h_ptr, w_ptr, ha_ptr, b_ptr,
+    rows, cols, row_mask, col_mask,
+    D, R, stride_h, stride_w, stride_ha, stride_b,
+    HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Raw logits u[rows, cols] = h W^T (+ hA B^T) for one tile, fp32."""
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_LORA:
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < R
+        ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
+                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
+                    mask=col_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(ha, tl.trans(b), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _sparse_logits(
+    h_ptr, w_ptr, ha_ptr, b_ptr, row, ids, id_mask,
+    D, R, stride_h, stride_w, stride_ha, stride_b,
+    HAS_LORA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """u[row, ids] as BLOCK_K dot products with gathered W rows, d chunked; fp32."""
+    ids64 = ids.to(tl.int64)
+    row64 = row.to(tl.int64)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        h = tl.load(h_ptr + row64 * stride_h + ds, mask=d_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ids64[:, None] * stride_w + ds[None, :],
+                    mask=id_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * h[None, :], axis=1)
+    if HAS_LORA:
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < R
+        ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0)
+        b = tl.load(b_ptr + ids64[:, None] * stride_b + rs[None, :],
+                    mask=id_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(b * ha[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _capped_scaled(u, softcap, inv_tau, SOFTCAP: tl.constexpr):
+    """z = softcap(u) / tau."""
+    if SOFTCAP:
+        u = softcap * _tanh(u / softcap)
+    return u * inv_tau
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _lse_kernel(
+    h_ptr, w_ptr, ha_ptr, b_ptr, lse_ptr,
+    N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
+    inv_tau, softcap,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        u = _logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
+                        D, R, stride_h, stride_w, stride_ha, stride_b,
+                        HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        z = _capped_scaled(u, softcap, inv_tau, SOFTCAP)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
+
+
+@triton.jit
+def _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL: tl.constexpr):
+    """Per-token KL and the dense coefficient / id corrections of dKL/dz (DESIGN 3).
+
+    Returns (kl, c, corr[BLOCK_K]) with dKL/dz_v = c q_v + sum_j corr_j [v == id_j].
+    """
+    lp = tl.load(lp_ptr + row.to(tl.int64) * stride_lp + ks, mask=k_mask, other=0.0).to(tl.float32)
+    q = tl.where(k_mask, tl.exp(logq), 0.0)
+    if TAIL:
+        p = tl.where(k_mask, tl.exp(lp), 0.0)
+        p_sum = tl.sum(p, axis=0)
+        r = tl.maximum(1.0 - p_sum, 0.0)
+        q_sum = tl.sum(q, axis=0)
+        s_raw = 1.0 - q_sum
+        clamped = s_raw < TAIL_MASS_EPS
+        s = tl.maximum(s_raw, TAIL_MASS_EPS)
+        r_log_r = tl.where(r > 0, r * tl.log(tl.where(r > 0, r, 1.0)), 0.0)
+        kl = tl.sum(tl.where(k_mask, p * (lp - logq), 0.0), axis=0) + r_log_r - r * tl.log(s)
+        ratio = tl.where(clamped, 0.0, r / s)  # the clamp stops the tail term's gradient
+        c = p_sum - ratio * q_sum
+        corr = ratio * q - p
+    else:
+        lp_m = tl.where(k_mask, lp, -1e30)  # finite: keeps 0 * (masked lane) at 0
+        lp_max = tl.max(lp_m, axis=0)
+        e = tl.where(k_mask, tl.exp(lp_m - lp_max), 0.0)
+        log_p_hat = lp_m - lp_max - tl.log(tl.sum(e, axis=0))
+        p_hat = tl.where(k_mask, tl.exp(log_p_hat), 0.0)
+        kl = tl.sum(tl.where(k_mask, p_hat * (log_p_hat - logq), 0.0), axis=0)
+        c = tl.sum(p_hat, axis=0)
+        corr = -p_hat
+    return kl, c, corr
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    h_ptr, w_ptr, ha_ptr, b_ptr, ids_ptr, lp_ptr, labels_ptr, lse_ptr, loss_ptr,
+    D, R, K, stride_h, stride_w, stride_ha, stride_b, stride_ids, stride_lp,
+    inv_tau, softcap, ce_weight, ignore_index,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, TAIL: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    row = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    ids = tl.load(ids_ptr + row.to(tl.int64) * stride_ids + ks, mask=k_mask, other=0)
+    u = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, ids, k_mask,
+                       D, R, stride_h, stride_w, stride_ha, stride_b,
+                       HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
+    lse = tl.load(lse_ptr + row)
+    logq = _capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse
+    loss, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        counted = label != ignore_index
+        if HAS_CE:
+            lab_ids = tl.where(ks == 0, tl.where(counted, label, 0), 0)
+            u_y = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, lab_ids, ks == 0,
+                                 D, R, stride_h, stride_w, stride_ha, stride_b,
+                                 HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
+            z_y = tl.sum(tl.where(ks == 0, _capped_scaled(u_y, softcap, inv_tau, SOFTCAP), 0.0), axis=0)
+            loss += ce_weight * (lse - z_y)
+        loss = tl.where(counted, loss, 0.0)
+    tl.store(loss_ptr + row, loss)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _softcap_grad(u, softcap, SOFTCAP: tl.constexpr):
+    """d softcap(u) / du = 1 - tanh^2(u / c) (1 without soft-cap)."""
+    if SOFTCAP:
+        t = _tanh(u / softcap)
+        return 1.0 - t * t
+    return tl.full(u.shape, 1.0, dtype=tl.float32)
+
+
+@triton.jit
+def _sparse_bwd_kernel(
+    grad_ptr, h_ptr, w_ptr, ha_ptr, b_ptr, ids_ptr, lp_ptr, labels_ptr, lse_ptr,
+    coef_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr,
+    D, R, K, stride_h, stride_w, stride_ha, stride_b, stride_ids, stride_lp,
+    inv_tau, softcap, ce_weight, ignore_index,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, TAIL: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    ids = tl.load(ids_ptr + row64 * stride_ids + ks, mask=k_mask, other=0)
+    u = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, ids, k_mask,
+                       D, R, stride_h, stride_w, stride_ha, stride_b,
+                       HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
+    lse = tl.load(lse_ptr + row)
+    logq = _capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse
+    _kl, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
+    g = tl.load(grad_ptr + row).to(tl.float32) * inv_tau  # dL/du = dL/dz / tau
+    # The label is one more sparse entry, in slot BLOCK_K of a (BLOCK_K + 1)-wide view;
+    # kept as a separate vector instead so every tile stays a power of two.
+    y_val = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    y_ids = tl.zeros((BLOCK_K,), dtype=ids.dtype)
+    y_mask = ks < 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        counted = label != ignore_index
+        g = tl.where(counted, g, 0.0)
+        if HAS_CE:
+            c += ce_weight
+            # slot 0 holds the label, only for counted tokens (an int test keeps the
+            # mask a plain tensor compare, which the interpreter needs)
+            y_mask = (ks + tl.where(counted, 0, 1)) == 0
+            y_ids = tl.where(y_mask, label, 0).to(ids.dtype)
+            u_y = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, y_ids, y_mask,
+                                 D, R, stride_h, stride_w, stride_ha, stride_b,
+                                 HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
+            y_val = tl.where(y_mask, -ce_weight * g * _softcap_grad(u_y, softcap, SOFTCAP), 0.0)
+    tl.store(coef_ptr + row, g * c)
+    k_val = tl.where(k_mask, g * corr * _softcap_grad(u, softcap, SOFTCAP), 0.0)
+    _scatter_sparse(h_ptr, w_ptr, ha_ptr, b_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr, row64,
+                    ids.to(tl.int64), k_val, k_mask, y_ids.to(tl.int64), y_val, y_mask,
+                    D, R, stride_h, stride_w, stride_ha, stride_b,
+                    HAS_LORA, WEIGHT_GRAD, BLOCK_K, BLOCK_D, BLOCK_R)
+
+
+@triton.jit
+def _scatter_sparse(
+    h_ptr, w_ptr, ha_ptr, b_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr, row64,
+    ids, k_val, k_mask, y_ids, y_val, y_mask,
+    D, R, stride_h, stride_w, stride_ha, stride_b,
+    HAS_LORA: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Sparse part of G (values at the ids and the label) into dh, (G B), dW, dB.
+
+    dh [N, d] and (G B) [N, r] rows belong to this program (plain stores, the dense
+    kernel adds to them later); dW and dB rows are shared between tokens (atomics).
+    """
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        wk = tl.load(w_ptr + ids[:, None] * stride_w + ds[None, :],
+                     mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        wy = tl.load(w_ptr + y_ids[:, None] * stride_w + ds[None, :],
+                     mask=y_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        dh = tl.sum(k_val[:, None] * wk, axis=0) + tl.sum(y_val[:, None] * wy, axis=0)
+        tl.store(dh_ptr + row64 * D + ds, dh, mask=d_mask)
+        if WEIGHT_GRAD:
+            h = tl.load(h_ptr + row64 * stride_h + ds, mask=d_mask, other=0.0).to(tl.float32)
+            tl.atomic_add(dw_ptr + ids[:, None] * D + ds[None, :], k_val[:, None] * h[None, :],
+                          mask=k_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(dw_ptr + y_ids[:, None] * D + ds[None, :], y_val[:, None] * h[None, :],
+                          mask=y_mask[:, None] & d_mask[None, :])
+    if HAS_LORA:
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < R
+        bk = tl.load(b_ptr + ids[:, None] * stride_b + rs[None, :],
+                     mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        by = tl.load(b_ptr + y_ids[:, None] * stride_b + rs[None, :],
+                     mask=y_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        gb = tl.sum(k_val[:, None] * bk, axis=0) + tl.sum(y_val[:, None] * by, axis=0)
+        tl.store(gb_ptr + row64 * R + rs, gb, mask=r_mask)
+        ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0)
+        tl.atomic_add(db_ptr + ids[:, None] * R + rs[None, :], k_val[:, None] * ha[None, :],
+                      mask=k_mask[:, None] & r_mask[None, :])
+        tl.atomic_add(db_ptr + y_ids[:, None] * R + rs[None, :], y_val[:, None] * ha[None, :],
+                      mask=y_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _dense_bwd_kernel(
+    h_ptr, w_ptr, ha_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr,
+    N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
+    inv_tau, softcap,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    u = _logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
+                    D, R, stride_h, stride_w, stride_ha, stride_b,
+                    HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+    q = tl.exp(_capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse[:, None])
+    g = coef[:, None] * q * _softcap_grad(u, softcap, SOFTCAP)
+    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+    g_in = g.to(w_ptr.dtype.element_ty)  # tensor-core input dtype; the sums stay fp32
+    g_in_t = tl.trans(g_in)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if IEEE:
+            dh = tl.dot(g_in, w, input_precision="ieee")
+        else:
+            dh = tl.dot(g_in, w)
+        tl.atomic_add(dh_ptr + rows64[:, None] * D + ds[None, :], dh,
+                      mask=row_mask[:, None] & d_mask[None, :])
+        if WEIGHT_GRAD:
+            h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            if IEEE:
+                dw = tl.dot(g_in_t, h, input_precision="ieee")
+            else:
+                dw = tl.dot(g_in_t, h)
+            tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
+                          mask=col_mask[:, None] & d_mask[None, :])
+    if HAS_LORA:
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < R
+        b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
+                    mask=col_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        gb = tl.dot(g, b, input_precision="ieee")
+        tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
+                      mask=row_mask[:, None] & r_mask[None, :])
+        ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
+                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        db = tl.dot(tl.trans(g), ha, input_precision="ieee")
+        tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
+                      mask=col_mask[:, None] & r_mask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+def _prepare(hidden, weight, lora_a, lora_b, lora_scale):
+    """Contiguous kernel inputs (float64 computes in float32) and hA = s h A^T in fp32."""
+    compute = torch.float32 if hidden.dtype == torch.float64 else hidden.dtype
+    h = hidden.to(compute).contiguous()
+    w = weight.to(compute).contiguous()
+    if lora_a is None:
+        return h, w, None, None
+    ha = (lora_scale * (h.float() @ lora_a.float().T)).contiguous()
+    return h, w, ha, lora_b.to(compute).contiguous()
+
+
+def _common(h, w, ha, b, teacher_ids, temperature, softcap):
+    n, d = h.shape
+    k = teacher_ids.shape[1]
+    r = 0 if ha is None else ha.shape[1]
+    flags = dict(
+        HAS_LORA=ha is not None,
+        SOFTCAP=softcap > 0,
+        BLOCK_R=_pow2(r),
+    )
+    dummy = h  # never read when the matching flag is off
+    strides = (h.stride(0), w.stride(0), 0 if ha is None else ha.stride(0), 0 if b is None else b.stride(0))
+    ptrs = (h, w, dummy if ha is None else ha, dummy if b is None else b)
+    scalars = dict(inv_tau=1.0 / temperature, softcap=float(softcap) if softcap > 0 else 1.0)
+    return n, d, k, r, flags, strides, ptrs, scalars
+
+
+def linear_topk_kl(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs, labels,
+                   lora_scale, temperature, softcap, tail, ce_weight, ignore_index):
+    """Per-token loss [N] f32 (KL + ce_weight * CE, 0 where ignored) and lse [N] f32."""
+    h, w, ha, b = _prepare(hidden, weight, lora_a, lora_b, lora_scale)
+    ids = teacher_ids.contiguous()
+    lp = teacher_logprobs.contiguous()
+    n, d, k, r, flags, strides, ptrs, scalars = _common(h, w, ha, b, ids, temperature, softcap)
+    v = w.shape[0]
+    loss = torch.empty(n, device=h.device, dtype=torch.float32)
+    lse = torch.empty(n, device=h.device, dtype=torch.float32)
+    if n == 0:
+        return loss, lse
+    ieee = h.dtype == torch.float32
+    cfg = _FWD
+    _lse_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        *ptrs, lse, n, v, d, r, *strides, scalars["inv_tau"], scalars["softcap"],
+        IEEE=ieee, **flags, **cfg)
+    lab = labels.contiguous() if labels is not None else ids
+    _sparse_fwd_kernel[(n,)](
+        *ptrs, ids, lp, lab, lse, loss, d, r, k, *strides, ids.stride(0), lp.stride(0),
+        scalars["inv_tau"], scalars["softcap"], float(ce_weight), int(ignore_index),
+        TAIL=bool(tail), HAS_LABELS=labels is not None, HAS_CE=labels is not None and ce_weight != 0,
+        BLOCK_K=_pow2(k), BLOCK_D=_SPARSE_BLOCK_D, **flags)
+    return loss, lse
+
+
+def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
+                            teacher_logprobs, labels, lse, lora_scale, temperature, softcap,
+                            tail, ce_weight, ignore_index, needs_weight_grad):
+    """(grad_hidden, grad_weight, grad_lora_a, grad_lora_b), each in its input's dtype;
+    grad_weight is empty unless needs_weight_grad, the LoRA grads are empty without LoRA."""
+    h, w, ha, b = _prepare(hidden, weight, lora_a, lora_b, lora_scale)
+    ids = teacher_ids.contiguous()
+    lp = teacher_logprobs.contiguous()
+    n, d, k, r, flags, strides, ptrs, scalars = _common(h, w, ha, b, ids, temperature, softcap)
+    v = w.shape[0]
+    dev = h.device
+    f32 = torch.float32
+    dh = torch.empty(n, d, device=dev, dtype=f32)  # every row written by the sparse kernel
+    dw = torch.zeros(v, d, device=dev, dtype=f32) if needs_weight_grad else torch.empty(0, device=dev, dtype=f32)
+    gb = torch.zeros(n, r, device=dev, dtype=f32) if ha is not None else dh
+    db = torch.zeros(v, r, device=dev, dtype=f32) if ha is not None else dh
+    coef = torch.empty(n, device=dev, dtype=f32)
+    if n > 0:
+        lab = labels.contiguous() if labels is not None else ids
+        grad = grad_loss.contiguous()
+        lse = lse.contiguous()
+        dw_arg = dw if needs_weight_grad else dh
+        _sparse_bwd_kernel[(n,)](
+            grad, *ptrs, ids, lp, lab, lse, coef, dh, gb, dw_arg, db,
+            d, r, k, *strides, ids.stride(0), lp.stride(0),
+            scalars["inv_tau"], scalars["softcap"], float(ce_weight), int(ignore_index),
+            TAIL=bool(tail), HAS_LABELS=labels is not None,
+            HAS_CE=labels is not None and ce_weight != 0, WEIGHT_GRAD=bool(needs_weight_grad),
+            BLOCK_K=_pow2(k), BLOCK_D=_SPARSE_BLOCK_D, **flags)
+        cfg = _BWD
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+        _dense_bwd_kernel[grid](
+            *ptrs, lse, coef, dh, gb, dw_arg, db, n, v, d, r, *strides,
+            scalars["inv_tau"], scalars["softcap"],
+            IEEE=h.dtype == torch.float32, WEIGHT_GRAD=bool(needs_weight_grad), **flags, **cfg)
+    return _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, dh, dw, gb, db,
+                         needs_weight_grad)
+
+
+def _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, dh, dw, gb, db, needs_weight_grad):
+    """The LoRA terms through (G B): dh += s (G B) A, dA = s (G B)^T h; cast to input dtypes."""
+    empty = hidden.new_empty(0)
+    grad_a = grad_b = empty
+    if lora_a is not None:
+        a32 = lora_a.float()
+        dh = torch.addmm(dh, gb, a32, alpha=lora_scale)
+        grad_a = (lora_scale * (gb.T @ h.float())).to(lora_a.dtype)
+        grad_b = db.to(lora_b.dtype)
+    grad_w = dw.to(weight.dtype) if needs_weight_grad else weight.new_empty(0)
+    return dh.to(hidden.dtype), grad_w, grad_a, grad_b
