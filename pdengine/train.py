@@ -317,7 +317,7 @@ def _mix_seed(*parts) -> int:
 def _as_source(data, name):
     if data is None:
         return None
-    if isinstance(data, (list, tuple)):
+    if isinstance(data, (list, tuple)) and not hasattr(data, "batches"):
         data = ExampleSource(data)
     if not hasattr(data, "batches") or not hasattr(data, "__len__"):
         raise ValueError(f"{name} must be a TeacherCache or a list of examples, got {type(data).__name__}")
@@ -379,30 +379,32 @@ def _head(model):
     return lm_head_lora(model)
 
 
-def _fused_loss(model, hidden, teacher_ids, teacher_logprobs, labels, *, temperature, mode, ce_weight):
+def _fused_loss(model, hidden, teacher_ids, teacher_logprobs, labels, *, temperature, mode, ce_weight,
+                validate):
     weight, lora_a, lora_b, scale = _head(model)
     return _fused_loss_op()(
         hidden.to(weight.dtype), weight, teacher_ids, teacher_logprobs, labels=labels,
         lora_a=lora_a, lora_b=lora_b, lora_scale=scale, temperature=temperature,
-        softcap=modeling.final_logit_softcap(model), mode=mode, ce_weight=ce_weight,
+        softcap=modeling.final_logit_softcap(model), mode=mode, ce_weight=ce_weight, validate=validate,
     )
 
 
-def pd_loss(model, batch, config: TrainConfig) -> torch.Tensor:
+def pd_loss(model, batch, config: TrainConfig, validate: bool = True) -> torch.Tensor:
     """Top-k KL against the cached teacher (+ optional CE), mean over answer tokens."""
     return _fused_loss(
         model, _target_hidden(model, batch), batch["topk_ids"], batch["topk_logprobs"],
         batch["labels"], temperature=config.temperature, mode=config.mode, ce_weight=config.ce_weight,
+        validate=validate,
     )
 
 
-def sft_loss(model, batch, config: TrainConfig) -> torch.Tensor:
+def sft_loss(model, batch, config: TrainConfig, validate: bool = True) -> torch.Tensor:
     """Cross-entropy on the answer tokens: the fused op with k = 1 and log-prob 0."""
     labels = batch["labels"]
     zeros = torch.zeros(labels.shape[0], 1, device=labels.device)
     return _fused_loss(
         model, _target_hidden(model, batch), labels[:, None], zeros, labels,
-        temperature=1.0, mode="tail", ce_weight=0.0,
+        temperature=1.0, mode="tail", ce_weight=0.0, validate=validate,
     )
 
 
@@ -419,7 +421,7 @@ def _teacher_logprobs(model, teacher_batch, temperature) -> torch.Tensor:
         return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
-def online_kl_loss(model, batch, config: TrainConfig) -> torch.Tensor:
+def online_kl_loss(model, batch, config: TrainConfig, validate: bool = True) -> torch.Tensor:
     """The paper's original loss: teacher forward now, full-vocabulary KL, materialized.
 
     `batch["teacher"]` holds the packed teacher sequences (`pack_teacher`); the engine
@@ -440,13 +442,15 @@ def online_kl_loss(model, batch, config: TrainConfig) -> torch.Tensor:
 _LOSS_FUNCTIONS = {"pd": pd_loss, "sft": sft_loss, "online_kl": online_kl_loss}
 
 
-def compute_loss(model, batch: dict, config: TrainConfig) -> torch.Tensor:
+def compute_loss(model, batch: dict, config: TrainConfig, *, validate: bool = True) -> torch.Tensor:
     """The scalar training loss of one packed batch for `config.loss` (batch moved to the
-    model's device). Plain examples (k = 1 targets) always train with cross-entropy."""
+    model's device). Plain examples (`pack_examples` of non-cache dicts) always train with
+    cross-entropy. validate: let the fused op check ids and log-probs (one host sync;
+    the engine does it on the first batch of each source only)."""
     batch = _to_device(batch, modeling.output_layer(model).weight.device)
     if batch.get("cross_entropy_only"):
-        return sft_loss(model, batch, config)
-    return _LOSS_FUNCTIONS[config.loss](model, batch, config)
+        return sft_loss(model, batch, config, validate)
+    return _LOSS_FUNCTIONS[config.loss](model, batch, config, validate)
 
 
 # ----------------------------------------------------------------------------- model set-up
@@ -491,9 +495,9 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def _cache_identity(cache) -> dict:
     manifest = getattr(cache, "manifest", None) or {}
-    keep = ("model_fingerprint", "tokenizer_fingerprint", "template_fingerprint", "vocab_size", "k",
-            "temperature", "count", "n_items", "fingerprint")
-    ident = {k: manifest[k] for k in keep if k in manifest}
+    ident = {k: manifest[k] for k in ("vocab_size", "k", "temperature") if k in manifest}
+    if isinstance(manifest.get("model"), dict):
+        ident["model_fingerprint"] = manifest["model"].get("fingerprint")
     ident["path"] = str(getattr(cache, "path", ""))
     ident["len"] = len(cache)
     return ident
@@ -617,16 +621,20 @@ class _Trainer:
             self.optimizer, _lr_lambda(total, max(1, math.ceil(config.warmup_ratio * total))))
         self.step = 0
         self.main = _Stream(cache, config.batch_tokens, config.seed)
-        f = config.replay_fraction
-        replay_tokens = max(1, round(config.batch_tokens * f / (1 - f))) if f > 0 else 1
-        self.replay_stream = (_Stream(replay, replay_tokens, _mix_seed(config.seed, 0x5E), cycle=True)
-                              if replay is not None and f > 0 else None)
+        self.replay_stream = None
+        if replay is not None and config.replay_fraction > 0:
+            self.replay_stream = _Stream(replay, _replay_tokens(replay, config), _mix_seed(config.seed, 0x5E),
+                                         cycle=True)
         self.committed = self._position()
         self.tokens = 0
+        self.validated = set()  # sources whose first batch the fused op has checked
 
     def _count_steps_per_epoch(self) -> int:
-        n = sum(1 for _ in self.cache.batches(self.config.batch_tokens, seed=self.config.seed,
-                                              epoch=0, shuffle=True))
+        cfg = self.config
+        if hasattr(self.cache, "num_batches"):  # TeacherCache plans from lengths only
+            n = self.cache.num_batches(cfg.batch_tokens, seed=cfg.seed, epoch=0, shuffle=True)
+        else:
+            n = sum(1 for _ in self.cache.batches(cfg.batch_tokens, seed=cfg.seed, epoch=0, shuffle=True))
         if n == 0:
             raise ValueError("the cache yields no batches")
         return math.ceil(n / self.config.grad_accum)
@@ -656,8 +664,10 @@ class _Trainer:
             teacher = pack_teacher([source[i] for i in batch["indices"]])
             batch = dict(batch, teacher=_to_device(teacher, self.device))
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        validate = id(source) not in self.validated
+        self.validated.add(id(source))
         with ctx:
-            return compute_loss(self.model, batch, self.config)
+            return compute_loss(self.model, batch, self.config, validate=validate)
 
     def micro_step(self, batch) -> torch.Tensor:
         """Forward + backward of one micro-batch (plus its replay share); the detached loss."""
@@ -666,6 +676,7 @@ class _Trainer:
         if self.replay_stream is not None:
             replay = self.replay_stream.next()
             loss = (1 - f) * loss + f * self._batch_loss(replay, self.replay_stream.source)
+            self.tokens += replay["input_ids"].numel()
         (loss / self.config.grad_accum).backward()
         self.tokens += batch["input_ids"].numel()
         return loss.detach()
@@ -716,6 +727,15 @@ class _Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.checkpoint()
         return rows
+
+
+def _replay_tokens(replay, config: TrainConfig) -> int:
+    """Replay batch size: f / (1 - f) of the main batch's tokens, at least one sequence."""
+    f = config.replay_fraction
+    tokens = max(1, round(config.batch_tokens * f / (1 - f)))
+    if hasattr(replay, "student_lengths"):  # a TeacherCache refuses batches below its longest item
+        tokens = max(tokens, max(replay.student_lengths()))
+    return tokens
 
 
 def _progress_bar(total, initial, enabled):

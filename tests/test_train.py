@@ -1,0 +1,157 @@
+"""The student training engine (pdengine/train.py) on a tiny random Llama, on CPU.
+
+Cache items are made the way prefill makes them: the teacher (the model with a
+"document" in its prompt) gives its top-k at temperature T on the answer tokens. Tests
+use a few steps, small shapes and a large learning rate so the loss moves quickly.
+"""
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pdengine import modeling, reference
+from pdengine.train import TrainConfig, TrainingError, pack_examples, train
+
+VOCAB, K, TEMPERATURE = 48, 4, 2.0
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def teacher_items(model, n=8, seed=1):
+    """Cache items: teacher = doc + question + answer, student = question + answer."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        doc = torch.randint(3, VOCAB, (6,), generator=gen).tolist()
+        question = torch.randint(3, VOCAB, (3,), generator=gen).tolist()
+        answer = torch.randint(3, VOCAB, (4,), generator=gen).tolist() + [1]
+        teacher, student = doc + question + answer, question + answer
+        start_t = len(doc) + len(question)
+        with torch.no_grad():
+            hidden = modeling.hidden_states(model, torch.tensor([teacher]))[0]
+            rows = hidden[start_t - 1 : start_t - 1 + len(answer)]
+            ids, lp = reference.teacher_topk(rows, modeling.output_layer(model).weight, K, TEMPERATURE)
+        items.append({"teacher_input_ids": teacher, "student_input_ids": student,
+                      "answer_start_teacher": start_t, "answer_start_student": len(question),
+                      "topk_ids": ids, "topk_logprobs": lp})
+    return items
+
+
+def config(**overrides):
+    base = dict(lr=3e-3, epochs=2, batch_tokens=24, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                warmup_ratio=0.0, save_every=2, progress=False, temperature=TEMPERATURE, seed=0)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_tensors(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.fixture(scope="module")
+def items():
+    return teacher_items(tiny_model())
+
+
+def test_pack_examples_targets_predict_answer_tokens(items):
+    batch = pack_examples(items[:3])
+    ids = batch["input_ids"][0]
+    assert torch.equal(ids[batch["target_positions"] + 1], batch["labels"])
+    assert batch["topk_ids"].shape == (batch["labels"].shape[0], K)
+    assert batch["position_ids"][0, len(items[0]["student_input_ids"])] == 0  # restarts per sequence
+
+
+@pytest.mark.parametrize("loss", ["pd", "sft", "online_kl"])
+def test_each_loss_trains_and_lowers_the_loss(tmp_path, items, loss):
+    model = tiny_model()
+    result = train(model, None, items, tmp_path, config(loss=loss, epochs=4))
+    rows = metrics(tmp_path)
+    assert result["steps"] == len(rows) > 4
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert math.isfinite(last) and last < first
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((tmp_path / "checkpoints").glob("step-*.pt"))
+
+
+def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path, items):
+    straight = tiny_model()
+    train(straight, None, items, tmp_path / "a", config(max_steps=8, grad_accum=2, epochs=10))
+    stopped = tiny_model()
+    train(stopped, None, items, tmp_path / "b", config(max_steps=4, grad_accum=2, epochs=10))
+    resumed = tiny_model()
+    result = train(resumed, None, items, tmp_path / "b", config(max_steps=8, grad_accum=2, epochs=10), resume=True)
+    assert result["steps"] == 8
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [r["step"] for r in metrics(tmp_path / "b")] == list(range(1, 9))
+    assert [r["loss"] for r in metrics(tmp_path / "b")] == pytest.approx([r["loss"] for r in metrics(tmp_path / "a")], rel=1e-4)
+
+
+def test_out_dir_with_another_run_needs_resume(tmp_path, items):
+    train(tiny_model(), None, items, tmp_path, config(max_steps=1))
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(tiny_model(), None, items, tmp_path, config(max_steps=1))
+    with pytest.raises(ValueError, match=r"config differs in \['lr'\]"):
+        train(tiny_model(), None, items, tmp_path, config(max_steps=2, lr=1.0), resume=True)
+
+
+def test_empty_cache_and_vocabulary_mismatch(tmp_path, items):
+    with pytest.raises(ValueError, match="cache is empty"):
+        train(tiny_model(), None, [], tmp_path / "a", config())
+
+    class OtherVocab(list):
+        manifest = {"vocab_size": VOCAB + 1, "temperature": TEMPERATURE}
+
+        def batches(self, *args, **kwargs):
+            raise AssertionError("must fail before reading batches")
+
+    with pytest.raises(ValueError, match="vocabulary of 49 tokens, the model has 48"):
+        train(tiny_model(), None, OtherVocab(items), tmp_path / "b", config())
+    OtherVocab.manifest = {"vocab_size": VOCAB, "temperature": 1.0}
+    with pytest.raises(ValueError, match="temperature 2.0 differs from the cache's 1.0"):
+        train(tiny_model(), None, OtherVocab(items), tmp_path / "c", config())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, items):
+    model = tiny_model()
+    calls = {"n": 0}
+
+    def poison_after_two_steps(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 2 else output
+
+    modeling.model_body(model).norm.register_forward_hook(poison_after_two_steps)
+    with pytest.raises(TrainingError, match="non-finite loss.*step 3.*last good checkpoint"):
+        train(model, None, items, tmp_path, config(save_every=2))
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["step-0000002.pt"]
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_replay_examples_are_mixed_into_every_step(tmp_path, items):
+    gen = torch.Generator().manual_seed(5)
+    replay = [{"input_ids": torch.randint(3, VOCAB, (10,), generator=gen).tolist(), "answer_start": 6}
+              for _ in range(3)]
+    model = tiny_model()
+    train(model, None, items, tmp_path / "mix", config(replay_fraction=0.5, max_steps=3), replay_cache=replay)
+    no_replay = tiny_model()
+    train(no_replay, None, items, tmp_path / "plain", config(max_steps=3))
+    mixed, plain = metrics(tmp_path / "mix"), metrics(tmp_path / "plain")
+    assert len(mixed) == 3
+    # the replay examples add tokens to every step and change its loss
+    assert all(m["tokens"] > p["tokens"] for m, p in zip(mixed, plain))
+    assert all(m["loss"] != pytest.approx(p["loss"]) for m, p in zip(mixed, plain))
