@@ -1,0 +1,259 @@
+"""Triton kernels of the fused LoRA linear (DESIGN.md section 4).
+
+Forward  `y = x W^T (+ bias) + s (dropout(x) A^T) B^T`:
+  1. `_mm_kernel`:         xa_s = s * dropout(x) A^T              [N, r]   (small)
+  2. `_extended_k_kernel`: y = [x, xa_s] @ [W, B]^T (+ bias)      one GEMM over K = d_in + r
+Backward (W frozen):
+  dyB_s = s * dy B [N, r];  dx = [dy, dyB_s] @ [W; A]  (the LoRA half of the sum masked by
+  the dropout keep-mask, so it is a second accumulator when dropout is on);
+  dA = dyB_s^T dropout(x);  dB = s * dy^T xa  (xa recomputed, never saved).
+
+Dropout: the keep-mask is a hash of (seed, flat index of x) computed inside the kernels
+that read x (`_keep`, bit-exact with `pdengine.reference.dropout_keep_mask`); dropped
+elements are zeroed on load and 1/(1-p) is applied to the fp32 accumulator, so neither a
+mask nor a dropped copy of x is ever stored. All products accumulate in fp32; operands
+of tl.dot are in x's dtype (LoRA factors are cast to it: r * (d_in + d_out) elements).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_HASH_SEED_MUL = 0x85EBCA6B
+_HASH_OFFSET = 0x27D4EB2F
+
+
+@triton.jit
+def _keep(flat_index, seed_mix, threshold):
+    """Dropout keep-mask of pdengine.reference.dropout_keep_mask, in uint32 arithmetic.
+
+    seed_mix = (seed * 0x85EBCA6B + 0x27D4EB2F) mod 2**32 is folded on the host.
+    """
+    h = flat_index.to(tl.uint32) * 0x9E3779B1 + seed_mix.to(tl.uint32)
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return (h >> 8) >= threshold
+
+
+@triton.jit(do_not_specialize=["alpha", "seed_mix", "threshold"])
+def _mm_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    alpha, seed_mix, threshold, x_cols,
+    DROP_A: tl.constexpr, DROP_B: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C = alpha * op(A) @ op(B), op = dropout's zeroing when DROP_A / DROP_B (that operand
+    is x, with flat index row * x_cols + col in x's own [N, d_in] layout)."""
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+        if DROP_A:
+            keep = _keep(offs_m[:, None] * x_cols + offs_k[None, :], seed_mix, threshold)
+            a = tl.where(keep, a, tl.zeros_like(a))
+        b_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if DROP_B:
+            keep = _keep(offs_k[:, None] * x_cols + offs_n[None, :], seed_mix, threshold)
+            b = tl.where(keep, b, tl.zeros_like(b))
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = acc * alpha
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K,
+                stride_am, stride_ak, stride_bk, stride_bn,
+                PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A[offs_m, :K] @ B[:K, offs_n], K streamed in BLOCK_K tiles."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["seed_mix", "threshold", "inv_keep"])
+def _extended_k_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, c_ptr, bias_ptr, M, N, K1, K2,
+    stride_a1m, stride_a1k, stride_b1k, stride_b1n,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cm, stride_cn,
+    seed_mix, threshold, inv_keep,
+    HAS_BIAS: tl.constexpr, DROP_OUT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A1 @ B1 + A2 @ B2 (+ bias): one output tile, K = K1 then K2 (the LoRA rank).
+
+    DROP_OUT (backward dx): the A2 @ B2 half is multiplied by the keep-mask of C's element
+    (C is [N, d_in] like x) and by 1/(1-p), so it needs its own accumulator.
+    """
+    # grouped tile order: GROUP_M row-tiles share the same B columns in L2
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc = _accumulate(acc, a1_ptr, b1_ptr, offs_m, offs_n, M, N, K1,
+                      stride_a1m, stride_a1k, stride_b1k, stride_b1n, PRECISION, BLOCK_K)
+    if DROP_OUT:
+        low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        low_rank = _accumulate(low_rank, a2_ptr, b2_ptr, offs_m, offs_n, M, N, K2,
+                               stride_a2m, stride_a2k, stride_b2k, stride_b2n, PRECISION, BLOCK_R)
+        keep = _keep(offs_m[:, None] * N + offs_n[None, :], seed_mix, threshold)
+        acc += tl.where(keep, low_rank * inv_keep, 0.0)
+    else:
+        acc = _accumulate(acc, a2_ptr, b2_ptr, offs_m, offs_n, M, N, K2,
+                          stride_a2m, stride_a2k, stride_b2k, stride_b2n, PRECISION, BLOCK_R)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _check(x, weight, lora_a, lora_b):
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [N, d_in], got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [d_out, {x.shape[1]}], got {tuple(weight.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    r = lora_a.shape[0]
+    if lora_a.shape != (r, x.shape[1]) or lora_b.shape != (weight.shape[0], r):
+        raise ValueError(
+            f"lora_a must be [r, {x.shape[1]}] and lora_b [{weight.shape[0]}, r], got "
+            f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+        )
+
+
+def _dropout_args(dropout: float, seed: int):
+    """(seed_mix, threshold, 1/(1-p)) as the kernels take them."""
+    seed_mix = ((int(seed) & 0xFFFFFFFF) * _HASH_SEED_MUL + _HASH_OFFSET) & 0xFFFFFFFF
+    return seed_mix, int(dropout * (1 << 24)), 1.0 / (1.0 - dropout)
+
+
+def _precision(dtype):
+    # fp32 inputs get full fp32 products (torch's matmul default), not TF32
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _acc_dtype(dtype):
+    # fp32 accumulation; float64 inputs (tests) keep float64
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _tiles(x: torch.Tensor):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the extended-K kernel."""
+    if not x.is_cuda:  # interpreter: few, small programs
+        return 32, 32, 32, 4, 1
+    if x.dtype == torch.float64:
+        return 64, 64, 16, 4, 2
+    if x.dtype == torch.float32:
+        return 128, 128, 32, 8, 3
+    return 128, 128, 64, 8, 3
+
+
+def _mm(a, b, c, alpha, *, drop_a=False, drop_b=False, dropout_args=(0, 0, 1.0), x_cols=0):
+    """c = alpha * op(a) @ op(b), a [M, K], b [K, N] given as (possibly transposed) views."""
+    M, K = a.shape
+    N = b.shape[1]
+    seed_mix, threshold, _ = dropout_args
+    block_m = _pow2_clamp(M, 16, 128 if a.is_cuda else 32)
+    block_n = _pow2_clamp(N, 16, 128 if a.is_cuda else 32)
+    block_k = 64 if a.is_cuda and a.element_size() <= 2 else 32
+    if a.dtype == torch.float64 and a.is_cuda:
+        block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _mm_kernel[grid](
+        a, b, c, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        alpha, seed_mix, threshold, x_cols,
+        DROP_A=drop_a, DROP_B=drop_b, PRECISION=_precision(a.dtype), ACC_DTYPE=_acc_dtype(a.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, num_stages=3 if a.is_cuda else 1,
+    )
+    return c
+
+
+def _extended_k(a1, b1, a2, b2, c, bias=None, *, drop_out=False, dropout_args=(0, 0, 1.0)):
+    """c = a1 @ b1 + a2 @ b2 (+ bias), the second product masked by dropout if drop_out."""
+    M, K1 = a1.shape
+    N, K2 = b1.shape[1], a2.shape[1]
+    block_m, block_n, block_k, warps, stages = _tiles(a1)
+    block_r = _pow2_clamp(K2, 16, block_k)
+    seed_mix, threshold, inv_keep = dropout_args
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _extended_k_kernel[grid](
+        a1, b1, a2, b2, c, bias if bias is not None else c, M, N, K1, K2,
+        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
+        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), c.stride(0), c.stride(1),
+        seed_mix, threshold, inv_keep,
+        HAS_BIAS=bias is not None, DROP_OUT=drop_out, PRECISION=_precision(a1.dtype),
+        ACC_DTYPE=_acc_dtype(a1.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=8,
+        num_warps=warps, num_stages=stages,
+    )
+    return c
+
+
+def _lora_input(x, lora_a, alpha, dropout, seed):
+    """alpha * dropout(x) A^T as [N, r] in x's dtype (dropout's 1/(1-p) folded into alpha)."""
+    args = _dropout_args(dropout, seed)
+    xa = torch.empty((x.shape[0], lora_a.shape[0]), device=x.device, dtype=x.dtype)
+    scale = alpha * (args[2] if dropout > 0 else 1.0)
+    return _mm(x, lora_a.to(x.dtype).T, xa, scale, drop_a=dropout > 0, dropout_args=args, x_cols=x.shape[1])
+
+
+def lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, seed):
+    """y [N, d_out] = x W^T (+ bias) + scale * (dropout(x) A^T) B^T, in x's dtype."""
+    _check(x, weight, lora_a, lora_b)
+    xa_s = _lora_input(x, lora_a, scale, dropout, seed)
+    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    return _extended_k(x, weight.T, xa_s, lora_b.to(x.dtype).T, y, bias)
+
+
+def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, scale, dropout, seed):
+    """(grad_x, grad_lora_a, grad_lora_b) of lora_linear; W and bias are frozen."""
+    _check(x, weight, lora_a, lora_b)
+    dy = grad_out.to(x.dtype)
+    args = _dropout_args(dropout, seed)
+    n, r = x.shape[0], lora_a.shape[0]
+    a_c, b_c = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    dyb_s = _mm(dy, b_c, torch.empty((n, r), device=x.device, dtype=x.dtype), scale)
+    grad_x = _extended_k(dy, weight, dyb_s, a_c, torch.empty_like(x),
+                         drop_out=dropout > 0, dropout_args=args)
+    grad_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_a = torch.empty(lora_a.shape, device=x.device, dtype=grad_dtype)
+    _mm(dyb_s.T, x, grad_a, args[2] if dropout > 0 else 1.0,
+        drop_b=dropout > 0, dropout_args=args, x_cols=x.shape[1])
+    xa = _lora_input(x, lora_a, 1.0, dropout, seed)
+    grad_b = torch.empty(lora_b.shape, device=x.device, dtype=grad_dtype)
+    _mm(dy.T, xa, grad_b, scale)
+    return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
