@@ -357,7 +357,13 @@ class _Stream:
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors of the batch (and of nested dicts: the packed teacher) on `device`."""
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        return _to_device(v, device) if isinstance(v, dict) else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def _target_hidden(model, batch) -> torch.Tensor:
@@ -477,8 +483,17 @@ def prepare_model(model, config: TrainConfig):
     if not named:
         raise ValueError("the model has no LoRA parameters to train")
     if config.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     return named
+
+
+def _enable_checkpointing(model) -> None:
+    """Activation checkpointing of the decoder layers (non-reentrant: LoRA-only grads work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):

@@ -155,3 +155,53 @@ def test_replay_examples_are_mixed_into_every_step(tmp_path, items):
     # the replay examples add tokens to every step and change its loss
     assert all(m["tokens"] > p["tokens"] for m, p in zip(mixed, plain))
     assert all(m["loss"] != pytest.approx(p["loss"]) for m, p in zip(mixed, plain))
+
+
+def test_lm_head_lora_and_gradient_checkpointing_train_the_head(tmp_path, items):
+    model = tiny_model()
+    train(model, None, items, tmp_path, config(max_steps=2, lora_lm_head=True, grad_checkpointing=True))
+    from pdengine.lora import lm_head_lora
+
+    _, _, lora_b, _ = lm_head_lora(model)
+    assert lora_b is not None and lora_b.abs().sum() > 0  # B starts at zero: it was trained
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "lm_head" in saved["target_modules"]
+
+
+def test_ctrl_c_writes_a_checkpoint_to_resume_from(tmp_path, items):
+    model = tiny_model()
+    calls = {"n": 0}
+
+    def interrupt_in_step_three(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return output
+
+    handle = modeling.model_body(model).norm.register_forward_hook(interrupt_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, None, items, tmp_path, config(save_every=0))
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["step-0000002.pt"]
+    handle.remove()
+    result = train(tiny_model(), None, items, tmp_path, config(save_every=0), resume=True)
+    assert result["steps"] == len(metrics(tmp_path)) and result["steps"] > 2
+
+
+def test_hugging_face_trainer_runs_two_steps(tmp_path, items):
+    from transformers import TrainingArguments
+
+    from pdengine.integrations import CacheDataset, DistillationTrainer, collate_cache_items
+    from pdengine.lora import add_lora
+
+    model = add_lora(tiny_model(), 4, 8)
+    before = adapter_tensors(model)
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=3, learning_rate=1e-2,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             gradient_accumulation_steps=1)
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=CacheDataset(items),
+                                  data_collator=collate_cache_items,
+                                  distill_config=TrainConfig(temperature=TEMPERATURE))
+    out = trainer.train()
+    assert out.global_step == 2 and math.isfinite(out.training_loss) and out.training_loss > 0
+    after = adapter_tensors(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
