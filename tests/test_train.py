@@ -205,3 +205,65 @@ def test_hugging_face_trainer_runs_two_steps(tmp_path, items):
     assert out.global_step == 2 and math.isfinite(out.training_loss) and out.training_loss > 0
     after = adapter_tensors(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+WORDS = "Ada lives in Oslo Bob paints bridges at night the cat sat on a mat where does who what did do ? .".split()
+DOCUMENTS = [{"id": "ada", "text": "Ada lives in Oslo . the cat sat on a mat ."},
+             {"id": "bob", "text": "Bob paints bridges at night ."}]
+QA = [{"doc_id": "ada", "question": "where does Ada lives ?", "answer": "in Oslo ."},
+      {"doc_id": "bob", "question": "who paints bridges ?", "answer": "Bob ."},
+      {"doc_id": "ada", "question": "what did the cat do ?", "answer": "the cat sat on a mat ."},
+      {"doc_id": "bob", "question": "what does Bob do at night ?", "answer": "Bob paints bridges ."}]
+
+
+def model_dir(path, seed=0):
+    """A tiny Llama + word-level tokenizer saved as a Hugging Face directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", "User:", "Assistant:", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+def cli(argv):
+    import argparse
+
+    from pdengine.train import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def test_cli_trains_from_a_teacher_cache_and_resumes(tmp_path, capsys):
+    from pdengine.prefill import prefill
+
+    model, tokenizer = model_dir(tmp_path / "model")
+    prefill(model, tokenizer, DOCUMENTS, QA, tmp_path / "cache", k=K, temperature=TEMPERATURE, progress=False)
+    common = ["--model", str(tmp_path / "model"), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+              "--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--batch-tokens", "32", "--no-progress",
+              "--device", "cpu", "--epochs", "3"]
+    assert cli([*common, "--max-steps", "2"]) == 0
+    assert cli([*common, "--max-steps", "3"]) == 2  # the out dir holds a run
+    assert "--resume" in capsys.readouterr().out
+    assert cli([*common, "--max-steps", "3", "--resume"]) == 0
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    from pdengine.lora import load_adapter
+
+    reloaded = load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "model"), tmp_path / "run" / "adapter")
+    assert any("lora_" in n for n, _ in reloaded.named_parameters())
+
+    model_dir(tmp_path / "other", seed=1)  # same shapes, other weights: not the cache's model
+    capsys.readouterr()
+    assert cli([*common[:1], str(tmp_path / "other"), *common[2:4], "--out", str(tmp_path / "run2")]) == 2
+    assert "does not match" in capsys.readouterr().out
