@@ -159,7 +159,8 @@ def question_writing_validity(model, tokenizer, world: W.World, n: int = 60, see
 
 
 def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, writing_per_step: int = 16,
-             lr: float = 1e-3, gate: float = 0.95, threads: int = 2, log_every: int = 100, log=print) -> dict:
+             lr: float = 1e-3, gate: float = 0.95, threads: int = 2, log_every: int = 100, eval_limit: int | None = None,
+             log=print) -> dict:
     """Pretrain from scratch and save the HF directory; returns the metrics (also in pretrain.json).
 
     Raises RuntimeError when the gate (open-book reading accuracy on new people) is not met;
@@ -197,9 +198,10 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
         "seed": seed, "steps": steps, "batch_docs": batch_docs, "writing_per_step": writing_per_step,
         "lr": lr, "threads": threads, "train_seconds": round(train_s, 1),
         "params": sum(p.numel() for p in model.parameters()),
-        "gate_reading_accuracy": reading_accuracy(model, tokenizer, world),
-        "held_out_reading_accuracy": reading_accuracy(model, tokenizer, world, phrasings="held_out"),
-        "question_writing_validity": question_writing_validity(model, tokenizer, world),
+        "gate_reading_accuracy": reading_accuracy(model, tokenizer, world, limit=eval_limit),
+        "held_out_reading_accuracy": reading_accuracy(model, tokenizer, world, phrasings="held_out",
+                                                      limit=eval_limit),
+        "question_writing_validity": question_writing_validity(model, tokenizer, world, n=eval_limit or 60),
         "gate": gate,
     }
     save_model(model, tokenizer, out_dir, metrics)

@@ -185,7 +185,9 @@ class World:
     Deterministic for a seed: the same seed gives the same people, facts and documents.
     """
 
-    def __init__(self, seed: int = 0, n_pretrain: int = 4000, n_new: int = 30):
+    MAX_NEW = 30
+
+    def __init__(self, seed: int = 0, n_pretrain: int = 4000, n_new: int = MAX_NEW):
         if n_pretrain < 1 or n_new < 1:
             raise ValueError(f"n_pretrain and n_new must be >= 1, got {n_pretrain}, {n_new}")
         names = [f"{f} {l}" for f in POOLS["first_names"] for l in POOLS["last_names"]]
@@ -203,11 +205,12 @@ class World:
             for i, e in enumerate(self.new_entities)
         ]
 
-    def eval_questions(self, per_fact: int = 3, seed: int = 0) -> list[dict]:
-        """Held-out-phrasing questions about the new people, with reference answers."""
+    def eval_questions(self, per_fact: int = 3, seed: int = 0, n_documents: int | None = None) -> list[dict]:
+        """Held-out-phrasing questions about the (first n_documents) new people, with answers."""
         rng = random.Random(seed)
         rows = []
-        for doc, ent in zip(self.new_documents, self.new_entities):
+        pairs = list(zip(self.new_documents, self.new_entities))[:n_documents]
+        for doc, ent in pairs:
             for a in ATTRIBUTES:
                 phrasings = list(held_out_phrasings(a))
                 for p in sorted(rng.sample(phrasings, min(per_fact, len(phrasings)))):
