@@ -133,12 +133,11 @@ def _generation_config(tokenizer, *, temperature, top_k, max_new_tokens):
 
     sample = temperature > 0
     eot = prompts.end_of_turn_ids(tokenizer)
+    # greedy: the sampling knobs stay unset (transformers warns about them otherwise)
+    sampling = dict(temperature=float(temperature), top_k=int(top_k or 0), top_p=1.0) if sample else {}
     return GenerationConfig(
         do_sample=sample,
-        temperature=float(temperature) if sample else 1.0,
-        top_k=int(top_k) if (sample and top_k) else 0,
-        top_p=1.0,
-        min_p=None,
+        **sampling,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         num_beams=1,

@@ -150,29 +150,34 @@ def test_generate_answer_eval_commands(model_dir, data):
     assert report["n_eval_questions"] == 2
 
 
-def test_run_pipeline_skips_finished_stages_and_force_redoes(model_dir, data, capsys):
+def test_run_whole_pipeline_skips_finished_stages_and_force_redoes(model_dir, data, capsys):
     cfg = _write_config(
         data / "run.toml.yaml", model=str(model_dir), documents=str(data / "docs.jsonl"), out=str(data / "run"),
-        eval_questions=str(data / "eval.jsonl"), stages=["generate", "answer", "eval"],
+        eval_questions=str(data / "eval.jsonl"),
         generate={"n_questions": 2, "per_call": 2, "max_new_tokens": 12, "batch_size": 4},
         answer={"max_new_tokens": 5, "n-answers": 1},
+        prefill={"k": 4, "no_progress": True},
+        train={"epochs": 1, "lora_r": 2, "batch_tokens": 64, "no_progress": True},
         eval={"max_new_tokens": 4, "methods": ["closed_book", "rag"], "rag_top_n": 1},
     )
     assert cli.main(["run", "--config", str(cfg)]) == 0
     out = data / "run"
-    for name in ("questions.jsonl", "qa.jsonl", "eval/report.json", "eval/report.md", "eval/answers.jsonl"):
+    for name in ("questions.jsonl", "qa.jsonl", "cache/manifest.json", "train/adapter/adapter_config.json",
+                 "eval/report.json", "eval/report.md", "eval/answers.jsonl"):
         assert (out / name).exists(), name
-    assert set(json.loads((out / "eval/report.json").read_text())["methods"]) == {"base_closed_book", "rag_bm25"}
+    methods = json.loads((out / "eval/report.json").read_text())["methods"]
+    assert set(methods) == {"base_closed_book", "rag_bm25", "prompt_distillation"}
     capsys.readouterr()
     stamp = (out / "qa.jsonl").stat().st_mtime_ns
 
     assert cli.main(["run", "--config", str(cfg)]) == 0
-    assert capsys.readouterr().err.count("done already, skipped") == 3
+    assert capsys.readouterr().err.count("done already, skipped") == 5
     assert (out / "qa.jsonl").stat().st_mtime_ns == stamp
 
     assert cli.main(["run", "--config", str(cfg), "--force", "answer"]) == 0
     err = capsys.readouterr().err
-    assert "generate: done already" in err and "answer: running" in err and "eval: running" in err
+    assert "generate: done already" in err
+    assert all(f"{s}: running" in err for s in ("answer", "prefill", "train", "eval"))
     assert (out / "qa.jsonl").stat().st_mtime_ns != stamp
 
 
