@@ -123,7 +123,8 @@ def write_questions(model, tokenizer, documents, eval_questions, cfg: DemoConfig
 def build_replay(model, tokenizer, world: W.World, out_dir: Path, cfg: DemoConfig):
     """Self-distillation replay: the base model's greedy open-book answers about other
     (pretraining) people, cached with the document in the student's prompt too."""
-    from pdengine import prefill, qa
+    from pdengine import qa
+    from pdengine.prefill import prefill
 
     docs, rows = world.reading_examples(cfg.replay_documents, seed=cfg.seed + 17)
     answered = qa.answer_questions(model, tokenizer, docs, rows, temperature=0.0, max_new_tokens=8,
@@ -185,7 +186,8 @@ def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, 
     pdengine/demo/assets) or, with pretrain=True, pretrained from scratch (seed cfg.seed).
     """
     from pdengine import evaluate as E
-    from pdengine import prefill, qa
+    from pdengine import qa
+    from pdengine.prefill import prefill
     from pdengine.io import write_jsonl
 
     cfg = cfg or DemoConfig()
