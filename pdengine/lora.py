@@ -450,15 +450,34 @@ def load_adapter(model, path):
 
     path = Path(path)
     config = _read_config(path)
-    if not lora_modules(model):
-        add_lora(model, int(config["r"]), config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
-                 target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)))
-    _apply_hyperparameters(model, config)
     found = load_file(str(path / WEIGHTS_NAME))
+    if lora_modules(model):
+        _copy_adapter(model, path, found)
+        _apply_hyperparameters(model, config)
+        return model
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    add_lora(model, int(config["r"]), config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
+             target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)))
+    try:
+        _copy_adapter(model, path, found)
+    except ValueError:  # leave the model as it came
+        _remove_lora(model, requires_grad)
+        raise
+    return model
+
+
+def _remove_lora(model, requires_grad: dict) -> None:
+    for name, layer in lora_modules(model).items():
+        _set_module(model, name, layer.base_layer)
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
+    model.__dict__.pop("pdengine_lora_config", None)
+
+
+def _copy_adapter(model, path: Path, found: dict) -> None:
     expected = _peft_state_dict(model)
     base_weights = _base_layer_keys(model, found)
     _check_keys(path, {**expected, **base_weights}, found, set())
     with torch.no_grad():
         for key, param in {**expected, **base_weights}.items():
             param.copy_(found[key].to(param.device, param.dtype))
-    return model
