@@ -8,7 +8,7 @@ Design (two stages, bounded memory):
 1. `_chunk_topk_kernel`, one program per (block of BLOCK_N tokens, vocabulary chunk).
    It walks its chunk tile by tile (BLOCK_V ids per tile): the GEMM tile in fp32, an
    online max / sum-of-exp for the chunk's log-sum-exp, and a running top-K of the chunk
-   (K = next power of two >= k). It writes K candidate keys per (token, chunk) and one
+   (K = next power of two >= k, unordered). It writes K candidate keys per (token, chunk) and one
    lse per (token, chunk): O(N * n_chunks * K) memory, a few % of N * V.
 2. The launcher merges in torch: `topk` over the N x (n_chunks * K) candidate keys and a
    logsumexp over the chunk lse values; O(N * n_chunks * K), no host sync.
@@ -16,8 +16,8 @@ Design (two stages, bounded memory):
 A candidate is one int64 *key*: the high 32 bits are the fp32 value z mapped to an int32
 that sorts like the float, the low 32 bits are `2^32 - 1 - id`. So a single integer max
 finds the largest z, ties going to the smallest id, and torch.topk on keys is the merge.
-The running top-K is updated by K rounds of max-extraction over (running top-K + tile),
-skipped when no row of the block has a tile value above its current K-th best.
+The running top-K is updated by replace-the-minimum insertion of the tile's keys that
+beat the current K-th best (see `_insert_tile`); torch.topk in stage 2 sorts.
 """
 from __future__ import annotations
 
@@ -53,21 +53,24 @@ def _to_keys(z, vocab_ids, valid):
 
 
 @triton.jit
-def _merge_topk(running, tile_keys, K: tl.constexpr):
-    """The K largest keys of `running` [BN, K] (sorted, descending) and `tile_keys` [BN, BV].
+def _insert_tile(top, tile_keys):
+    """Update `top` [BN, K] (the K largest keys so far, unordered) with `tile_keys` [BN, BV].
 
-    K rounds of max-extraction; keys are unique (distinct ids), so removing the extracted
-    key by equality removes exactly one element. Returns the new sorted running top-K.
+    Replace-the-minimum insertion: while some row's best remaining tile key beats that
+    row's smallest kept key, swap it in. Keys are unique (distinct ids; the initial
+    sentinels are distinct too), so equality picks exactly one slot. The loop runs as
+    many rounds as the block's largest number of insertions: K on a chunk's first tile,
+    then about K / t on its t-th tile, instead of K rounds on every tile.
     """
-    slots = tl.arange(0, K)[None, :]
-    min_key = -9223372036854775807 - 1
-    merged = tl.full(running.shape, min_key, tl.int64)
-    for j in range(K):
-        best = tl.maximum(tl.max(running, axis=1), tl.max(tile_keys, axis=1))[:, None]
-        merged = tl.where(slots == j, best, merged)
-        running = tl.where(running == best, min_key, running)
-        tile_keys = tl.where(tile_keys == best, min_key, tile_keys)
-    return merged
+    kth = tl.min(top, axis=1)
+    tile_best = tl.max(tile_keys, axis=1)
+    while tl.max((tile_best > kth).to(tl.int32), axis=0) > 0:
+        insert = (tile_best > kth)[:, None] & (top == kth[:, None])
+        top = tl.where(insert, tile_best[:, None], top)
+        tile_keys = tl.where(tile_keys == tile_best[:, None], -9223372036854775807 - 1, tile_keys)
+        kth = tl.min(top, axis=1)
+        tile_best = tl.max(tile_keys, axis=1)
+    return top
 
 
 @triton.jit
@@ -109,7 +112,8 @@ def _chunk_topk_kernel(
 
     running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_N,), tl.float32)
-    top = tl.full((BLOCK_N, K), -9223372036854775807 - 1, tl.int64)
+    # distinct sentinels below every real key (see _insert_tile), one per slot
+    top = tl.full((BLOCK_N, K), -9223372036854775807 - 1, tl.int64) + tl.arange(0, K)[None, :].to(tl.int64)
 
     first_tile = chunk * tiles_per_chunk
     for t in range(first_tile, tl.minimum(first_tile + tiles_per_chunk, n_tiles)):
@@ -128,9 +132,7 @@ def _chunk_topk_kernel(
         running_max = new_max
 
         tile_keys = _to_keys(z, vocab_ids[None, :], vocab_mask[None, :] & row_mask[:, None])
-        kth_best = tl.min(top, axis=1)
-        if tl.max((tl.max(tile_keys, axis=1) > kth_best).to(tl.int32), axis=0) > 0:
-            top = _merge_topk(top, tile_keys, K)
+        top = _insert_tile(top, tile_keys)
 
     out_rows = rows.to(tl.int64) * n_chunks + chunk
     tl.store(lse_ptr + out_rows, running_max + tl.log(running_sum), mask=row_mask)
