@@ -109,6 +109,20 @@ def test_training_step_reaches_only_lora_params():
             assert p.grad is None, name
 
 
+def test_half_precision_model_gets_fp32_adapters():
+    """Like PEFT (autocast_adapter_dtype): bf16 base, fp32 LoRA factors and gradients."""
+    model = pdengine.add_lora(tiny_model("llama").to(torch.bfloat16), r=4, alpha=8,
+                              target_modules=["q_proj", "embed_tokens"], lm_head=True)
+    randomize_lora(model)
+    assert model.lm_head.lora_A.weight.dtype == torch.float32
+    assert model.model.embed_tokens.lora_embedding_B.dtype == torch.float32
+    out = model(input_ids()).logits
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    grad = model.model.layers[0].self_attn.q_proj.lora_B.weight.grad
+    assert grad.dtype == torch.float32 and torch.count_nonzero(grad) > 0
+
+
 def test_dropout_only_in_training():
     model = randomize_lora(pdengine.add_lora(tiny_model("llama"), r=4, alpha=8, dropout=0.5))
     ids = input_ids()

@@ -90,13 +90,22 @@ def _reference_backward(grad_out, x, weight, lora_a, lora_b, scale, dropout, see
     return gx.to(x.dtype), ga.to(lora_a.dtype), gb.to(lora_b.dtype)
 
 
+def _interpreter_lacks(x) -> bool:
+    """The Triton CPU interpreter has no bf16 tl.dot: such calls run the reference."""
+    return not x.is_cuda and x.dtype == torch.bfloat16
+
+
 def _triton_forward(*args):
+    if _interpreter_lacks(args[0]):
+        return _reference_forward(*args)
     from pdengine.kernels import lora_linear as kernels  # lazy: triton is heavy to import
 
     return kernels.lora_linear(*args)
 
 
 def _triton_backward(*args):
+    if _interpreter_lacks(args[1]):
+        return _reference_backward(*args)
     from pdengine.kernels import lora_linear as kernels
 
     return kernels.lora_linear_backward(*args)
