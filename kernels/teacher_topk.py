@@ -152,12 +152,14 @@ def _decode_keys(keys: torch.Tensor):
 def _block_config(k_pad: int, device_type: str):
     """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps): one fixed config per device kind.
 
-    GPU: the running top-K [BLOCK_N, K] int64 lives in registers, so BLOCK_N shrinks as K
-    grows. CPU interpreter: bigger tiles mean fewer interpreted steps.
+    GPU (not tuned on hardware yet): the running top-K [BLOCK_N, K] and the tile's keys
+    [BLOCK_N, BLOCK_V] are int64 in registers, so BLOCK_N shrinks as K grows; consecutive
+    programs share a vocabulary chunk, so its lm_head rows are re-read from L2, not HBM.
+    CPU interpreter: small blocks keep the interpreted numpy arrays cheap.
     """
     if device_type != "cuda":
         return 16, 128, 64, 4
-    block_n = 64 if k_pad <= 32 else (32 if k_pad <= 64 else 16)
+    block_n = 64 if k_pad <= 64 else (32 if k_pad <= 128 else 16)
     return block_n, 128, 64, 8
 
 
