@@ -68,7 +68,8 @@ def teacher_topk(hidden, weight, k, temperature=1.0, softcap=None):
 
     Returns:
         `(ids [..., k] int64, logprobs [..., k] float32)`, sorted by descending probability
-        (ties: smaller id first); `logprobs` are normalised over the full vocabulary.
+        (the Triton kernel breaks exact ties by the smaller id); `logprobs` are normalised
+        over the full vocabulary.
 
     Not differentiable (the teacher is frozen); the outputs never require grad.
     """
