@@ -39,27 +39,34 @@ def _keep(flat_index, seed_mix, threshold):
     return (h >> 8) >= threshold
 
 
-@triton.jit(do_not_specialize=["alpha", "seed_mix", "threshold"])
+@triton.jit(do_not_specialize=["alpha", "seed_mix", "threshold", "k_per_split"])
 def _mm_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    alpha, seed_mix, threshold, x_cols,
+    alpha, seed_mix, threshold, x_cols, k_per_split,
     DROP_A: tl.constexpr, DROP_B: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C = alpha * op(A) @ op(B), op = dropout's zeroing when DROP_A / DROP_B (that operand
-    is x, with flat index row * x_cols + col in x's own [N, d_in] layout)."""
+    is x, with flat index row * x_cols + col in x's own [N, d_in] layout).
+
+    SPLIT_K > 1: program (m, n, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
+    atomically adds into C (fp32/fp64, zero-initialised): dA and dB reduce over all N
+    tokens into few output tiles, which alone would leave most SMs idle.
+    """
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k_start = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < k_end)
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
         if DROP_A:
             keep = _keep(offs_m[:, None] * x_cols + offs_k[None, :], seed_mix, threshold)
             a = tl.where(keep, a, tl.zeros_like(a))
-        b_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        b_mask = (offs_k[:, None] < k_end) & (offs_n[None, :] < N)
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn, mask=b_mask, other=0.0)
         if DROP_B:
             keep = _keep(offs_k[:, None] * x_cols + offs_n[None, :], seed_mix, threshold)
@@ -67,8 +74,11 @@ def _mm_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     acc = acc * alpha
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if SPLIT_K > 1:
+        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -180,23 +190,50 @@ def _tiles(x: torch.Tensor):
     return 128, 128, 64, 8, 3
 
 
-def _mm(a, b, c, alpha, *, drop_a=False, drop_b=False, dropout_args=(0, 0, 1.0), x_cols=0):
-    """c = alpha * op(a) @ op(b), a [M, K], b [K, N] given as (possibly transposed) views."""
+# enough programs to fill an H100/H200 (132 SMs) about twice
+_TARGET_PROGRAMS = 264
+
+
+def _split_k(tiles: int, K: int, block_k: int, is_cuda: bool) -> int:
+    """How many K-slices a few-tile GEMM is cut into (1 on the CPU interpreter)."""
+    if not is_cuda or tiles >= _TARGET_PROGRAMS // 2:
+        return 1
+    # each slice keeps at least 8 BLOCK_K steps so the atomics stay cheap
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), K // (8 * block_k)))
+
+
+def _mm(a, b, c, alpha, *, drop_a=False, drop_b=False, dropout_args=(0, 0, 1.0), x_cols=0,
+        split_k=None):
+    """c = alpha * op(a) @ op(b), a [M, K], b [K, N] given as (possibly transposed) views.
+
+    With split_k > 1 (chosen automatically when None), c must be fp32/fp64: it is zeroed
+    and accumulated into atomically.
+    """
     M, K = a.shape
     N = b.shape[1]
     seed_mix, threshold, _ = dropout_args
-    block_m = _pow2_clamp(M, 16, 128 if a.is_cuda else 32)
     block_n = _pow2_clamp(N, 16, 128 if a.is_cuda else 32)
+    block_m = _pow2_clamp(M, 16, 32)
+    if a.is_cuda:  # 64-row tiles when 128-row tiles would leave SMs idle
+        few = triton.cdiv(M, 128) * triton.cdiv(N, block_n) < _TARGET_PROGRAMS // 2
+        block_m = _pow2_clamp(M, 16, 64 if few else 128)
     block_k = 64 if a.is_cuda and a.element_size() <= 2 else 32
     if a.dtype == torch.float64 and a.is_cuda:
         block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    if split_k is None:
+        split_k = _split_k(tiles, K, block_k, a.is_cuda) if c.dtype in (torch.float32, torch.float64) else 1
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
+    if split_k > 1:
+        c.zero_()
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     _mm_kernel[grid](
         a, b, c, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        alpha, seed_mix, threshold, x_cols,
+        alpha, seed_mix, threshold, x_cols, k_per_split,
         DROP_A=drop_a, DROP_B=drop_b, PRECISION=_precision(a.dtype), ACC_DTYPE=_acc_dtype(a.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=3 if a.is_cuda else 1,
     )
     return c

@@ -171,3 +171,22 @@ def test_bad_input_raises_value_error(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         pdengine.lora_linear(**args)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_triton_split_k_reduction(drop):
+    """The split-K path (atomics; on a GPU it serves dA/dB) against a plain matmul."""
+    from pdengine.kernels import lora_linear as kernels
+
+    device = backend_device("triton")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(24, 200, generator=gen, dtype=torch.float64).to(device)
+    x = torch.randn(200, 40, generator=gen, dtype=torch.float64).to(device)
+    args = kernels._dropout_args(0.3, SEED) if drop else (0, 0, 1.0)
+    out = torch.full((24, 40), 123.0, dtype=torch.float64, device=device)  # must be overwritten
+    alpha = 0.5 * args[2]  # callers fold dropout's 1/(1-p) into alpha
+    kernels._mm(a, x, out, alpha, drop_b=drop, dropout_args=args, x_cols=40, split_k=3)
+    xd = x
+    if drop:
+        xd = torch.where(reference.dropout_keep_mask(x.shape, 0.3, SEED, device=device), x / 0.7, 0)
+    torch.testing.assert_close(out, 0.5 * a @ xd)
