@@ -493,8 +493,7 @@ def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_i
 
 def _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, dh, dw, gb, db, needs_weight_grad):
     """The LoRA terms through (G B): dh += s (G B) A, dA = s (G B)^T h; cast to input dtypes."""
-    empty = hidden.new_empty(0)
-    grad_a = grad_b = empty
+    grad_a, grad_b = hidden.new_empty(0), hidden.new_empty(0)  # distinct: outputs must not alias
     if lora_a is not None:
         a32 = lora_a.float()
         dh = torch.addmm(dh, gb, a32, alpha=lora_scale)
