@@ -219,7 +219,9 @@ CONTROLLED = {"prefill": ("force",), "train": ("resume",)}
 
 
 def _stage_argv(stage: str, parser, wired: dict, section: dict) -> list[str]:
-    """Command-line tokens for one stage: the wiring, then the config section's options."""
+    """Command-line tokens for one stage: the wiring, then the config section's options.
+    Going through argparse (rather than setting attributes) gives config values the same
+    type checks, choices and defaults as the command line."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     fixed = set(wired) | set(CONTROLLED.get(stage, ()))
     valid = sorted(d for d in actions if d not in fixed or d == "adapter")
@@ -285,6 +287,8 @@ def _say(message: str) -> None:
 
 def run_pipeline(args) -> int:
     """`pdengine run`: the stages in order; finished ones are skipped (see --help)."""
+    from pdengine.io import atomic_write_json
+
     config = _load_config(args.config)
     stages = _check_top_level(config)
     if "eval" in stages and not config.get("eval_questions"):
@@ -307,9 +311,6 @@ def run_pipeline(args) -> int:
             continue
         fresh = redo or _marker(out, stage).is_file()  # a changed setting also starts afresh
         _run_stage(stage, parser, run, argv, out, fresh)
-        _marker(out, stage).parent.mkdir(parents=True, exist_ok=True)
-        from pdengine.io import atomic_write_json
-
         atomic_write_json(_marker(out, stage), {"fingerprint": fingerprint, "argv": argv})
         redo = True  # everything after a stage that ran is redone
     _say(f"finished; outputs in {out}")
