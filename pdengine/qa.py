@@ -126,13 +126,24 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def _generation_config(tokenizer, *, temperature, top_k, max_new_tokens):
+def stop_ids(model, tokenizer) -> list[int]:
+    """Tokens that end generation: the tokenizer's end of turn plus the model's own
+    generation_config eos ids (Llama 3 instruct models stop on both <|eot_id|> and
+    <|end_of_text|>)."""
+    ids = list(prompts.end_of_turn_ids(tokenizer))
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for t in [extra] if isinstance(extra, int) else (extra or []):
+        if int(t) not in ids:
+            ids.append(int(t))
+    return ids
+
+
+def _generation_config(tokenizer, stop, *, temperature, top_k, max_new_tokens):
     """Every sampling knob set explicitly, so a model's own generation_config.json
     (top_p, repetition penalty, ...) cannot silently change the method."""
     from transformers import GenerationConfig
 
     sample = temperature > 0
-    eot = prompts.end_of_turn_ids(tokenizer)
     # greedy: the sampling knobs stay unset (transformers warns about them otherwise)
     sampling = dict(temperature=float(temperature), top_k=int(top_k or 0), top_p=1.0) if sample else {}
     return GenerationConfig(
@@ -143,7 +154,7 @@ def _generation_config(tokenizer, *, temperature, top_k, max_new_tokens):
         num_beams=1,
         max_new_tokens=int(max_new_tokens),
         pad_token_id=pad_token_id(tokenizer),
-        eos_token_id=eot or None,
+        eos_token_id=stop or None,
     )
 
 
@@ -157,11 +168,10 @@ def _seeded(seed: int, device):
         yield
 
 
-def _cut_at_end_of_turn(ids: list[int], tokenizer) -> list[int]:
-    """Generated ids up to (not including) the first end-of-turn; trailing pads removed."""
-    eot = set(prompts.end_of_turn_ids(tokenizer))
+def _cut_at_stop(ids: list[int], stop: set, tokenizer) -> list[int]:
+    """Generated ids up to (not including) the first stop token; trailing pads removed."""
     for i, t in enumerate(ids):
-        if t in eot:
+        if t in stop:
             ids = ids[:i]
             break
     return prompts.strip_end_of_turn(ids, tokenizer)
@@ -210,7 +220,9 @@ def generate_ids(
     _check_sampling(temperature, top_k)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("prompt_ids: every prompt needs at least one token")
-    config = _generation_config(tokenizer, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens)
+    stop = stop_ids(model, tokenizer)
+    config = _generation_config(tokenizer, stop, temperature=temperature, top_k=top_k,
+                                max_new_tokens=max_new_tokens)
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[list[int]] = [[] for _ in prompt_ids]
@@ -221,7 +233,7 @@ def generate_ids(
             with _seeded(seed + b, device):
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row, new in zip(rows, out[:, ids.shape[1]:].cpu().tolist()):
-                results[row] = _cut_at_end_of_turn(new, tokenizer)
+                results[row] = _cut_at_stop(new, set(stop), tokenizer)
             bar.update(len(rows))
     return results
 

@@ -198,3 +198,12 @@ def test_answers_follow_the_teacher_prompt(monkeypatch):
     rows = qa.answer_questions(None, tok, DOCS, [{"doc_id": "d2", "question": "who is Bo ?"}], progress=False)
     assert seen == [prompts.teacher_prompt_ids(tok, DOCS[1]["text"], "who is Bo ?")]
     assert rows[0]["answer_ids"] == [9, 10]
+
+
+def test_model_eos_ids_also_stop_generation():
+    model, tok = tiny_model(), tiny_tokenizer()
+    model.generation_config.eos_token_id = [1, 9]
+    assert qa.stop_ids(model, tok) == [1, 9]
+    assert qa._cut_at_stop([5, 6, 9, 7, 1], {1, 9}, tok) == [5, 6]
+    outs = qa.generate_ids(model, tok, [[3, 4], [3, 5, 6]], temperature=1.5, max_new_tokens=8, progress=False)
+    assert all(9 not in ids and 1 not in ids for ids in outs)
