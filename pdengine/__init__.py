@@ -23,11 +23,12 @@ _EXPORTS = {
     "disable_adapters": "pdengine.lora",
     "lm_head_lora": "pdengine.lora",
     "TeacherCache": "pdengine.cache",
-    "prefill": "pdengine.prefill",
-    "train": "pdengine.train",
     "TrainConfig": "pdengine.train",
-    "evaluate": "pdengine.evaluate",
 }
+# The pipeline stages are submodules: pdengine.prefill.prefill(...), pdengine.train.train(...),
+# pdengine.evaluate.evaluate(...), pdengine.qa.generate_questions(...). (Exporting those
+# functions under the modules' own names would make `pdengine.train` mean the function or
+# the module depending on import order.)
 
 __all__ = ["backend_info", *_EXPORTS]
 
