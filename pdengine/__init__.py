@@ -33,7 +33,12 @@ _EXPORTS = {
 __all__ = ["backend_info", *_EXPORTS]
 
 
+_SUBMODULES = {"cache", "cli", "demo", "evaluate", "lora", "prefill", "qa", "train"}
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"pdengine.{name}")
     raise AttributeError(f"module 'pdengine' has no attribute {name!r}")
