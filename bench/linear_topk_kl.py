@@ -1,0 +1,306 @@
+"""Benchmark the fused linear + top-k KL loss against its baselines, in the same run.
+
+    python bench/linear_topk_kl.py [--shapes gpu|cpu] [--reps 5] [--warmup 2] [--chunk 1024]
+
+Implementations (tail mode, temperature 2, weight trainable so every one computes dW):
+- `naive`: the materialized path, `logits = (h @ W.T).float()`, log-softmax, gather, KL: the
+  math of `pdengine.reference.linear_topk_kl`, with the GEMM in the input dtype (the
+  reference itself upcasts h and W to fp32 first, which on a GPU would time an fp32 GEMM).
+  Checked against the reference at the start of every shape.
+- `torch.compile`: `naive` through torch.compile (the compile is part of the warm-up).
+- `chunked`: token chunks of `--chunk` rows, each chunk's logits materialized inside
+  torch.utils.checkpoint (the Liger-Kernel / torchtune approach: [chunk, V] alive at once,
+  recomputed in the backward).
+- `pdengine`: `pdengine.linear_topk_kl(..., validate=False)`: the backend that
+  `pdengine.backend_info()` names (Triton on CUDA; the C++ kernels on CPU; on a CPU without
+  pdengine._C it is skipped rather than timing the materialized fallback).
+- k = 1 cross-entropy rows (lp = 0, so KL = CE): `pdengine` against Liger's
+  LigerFusedLinearCrossEntropyLoss and cut-cross-entropy's linear_cross_entropy, when they
+  are installed (CUDA only); skipped with a note otherwise.
+
+Each row: forward, backward and forward+backward medians (p20/p80 in the JSON), TFLOP/s and
+the peak memory of forward+backward above the inputs. FLOPs: 2 N d V forward, 6 N d V
+backward with recompute (4 N d V without dW), 8 N d V forward+backward, the same count for
+every implementation (so TFLOP/s compares wall time; the materialized ones do 6 N d V, not
+8). The GPU rows also time the bare `h @ W.T` GEMM: the fused fwd+bwd as a fraction of
+that rate is the number the issue's target is about.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from common import _sync, environment, peak_memory, print_table, save_results, time_fn, tflops
+
+import pdengine
+from pdengine import reference
+from pdengine.ops import _library
+
+# (name, N, d, V, k, dtype)
+GPU_SHAPES = [
+    ("llama3-8b-N4k", 4096, 4096, 128256, 64, torch.bfloat16),
+    ("llama3-8b-N16k", 16384, 4096, 128256, 64, torch.bfloat16),
+]
+GPU_CE_SHAPES = [("llama3-8b-N16k-k1", 16384, 4096, 128256, 1, torch.bfloat16)]
+CPU_SHAPES = [("cpu-issue3", 2048, 256, 32000, 32, torch.float32)]
+TEMPERATURE = 2.0
+COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_tflops", "peak_mem_MB", "loss_rel_diff"]
+
+
+# ------------------------------------------------------------------ implementations
+
+
+def _kl_from_logits(logits, ids, lp, temperature):
+    """Tail-mode top-k KL per token from materialized logits (reference.linear_topk_kl math)."""
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logq_ids = logq.gather(1, ids)
+    p = lp.exp()
+    tail_teacher = (1 - p.sum(-1)).clamp(min=0)
+    tail_student = (1 - logq_ids.exp().sum(-1)).clamp(min=reference.TAIL_MASS_EPS)
+    kl = (p * (lp - logq_ids)).sum(-1)
+    return kl + torch.xlogy(tail_teacher, tail_teacher) - tail_teacher * tail_student.log()
+
+
+def naive(hidden, weight, ids, lp):
+    return _kl_from_logits(hidden @ weight.T, ids, lp, TEMPERATURE).mean()
+
+
+def _chunk_sum(hidden, weight, ids, lp):
+    return _kl_from_logits(hidden @ weight.T, ids, lp, TEMPERATURE).sum()
+
+
+def make_chunked(chunk):
+    def chunked(hidden, weight, ids, lp):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            total = total + checkpoint(_chunk_sum, hidden[sl], weight, ids[sl], lp[sl], use_reentrant=False)
+        return total / hidden.shape[0]
+
+    return chunked
+
+
+def fused(hidden, weight, ids, lp):
+    return pdengine.linear_topk_kl(hidden, weight, ids, lp, temperature=TEMPERATURE, mode="tail", validate=False)
+
+
+def ce_implementations():
+    """k = 1 cross-entropy baselines that are installed: name -> fn(hidden, weight, labels)."""
+    impls, notes = {}, []
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        impls["liger-flce"] = lambda h, w, y: liger(w, h, y)
+    except ImportError:
+        notes.append("liger_kernel not installed: Liger fused linear CE skipped")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        impls["cut-cross-entropy"] = lambda h, w, y: linear_cross_entropy(h, w, y)
+    except ImportError:
+        notes.append("cut_cross_entropy not installed: CCE skipped")
+    return impls, notes
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_backward(make_loss, warmup, reps) -> dict:
+    """Backward alone: each repetition runs an untimed forward first."""
+    times = []
+    for i in range(warmup + reps):
+        loss = make_loss()
+        _sync()
+        start = time.perf_counter()
+        loss.backward()
+        _sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+
+
+def measure(fn, inputs, leaves, warmup, reps) -> dict:
+    """fwd / bwd / fwd+bwd timings and fwd+bwd peak memory of loss = fn(*inputs)."""
+
+    def zero_grads():
+        for t in leaves:
+            t.grad = None
+
+    def fwd_bwd():
+        zero_grads()
+        fn(*inputs).backward()
+
+    fwd = time_fn(lambda: fn(*inputs), warmup, reps)
+    bwd = time_backward(lambda: (zero_grads(), fn(*inputs))[1], warmup, reps)
+    both = time_fn(fwd_bwd, warmup, reps)
+    zero_grads()
+    memory = peak_memory(fwd_bwd)
+    out = {}
+    for tag, t in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", both)):
+        out[f"{tag}_ms"], out[f"{tag}_p20_ms"], out[f"{tag}_p80_ms"] = t["median_ms"], t["p20_ms"], t["p80_ms"]
+    out["peak_mem_MB"] = memory / 2**20
+    return out
+
+
+def _flops_row(row, n, d, vocab):
+    base = n * d * vocab
+    row["fwd_tflops"] = tflops(2 * base, row["fwd_ms"])
+    row["bwd_tflops"] = tflops(6 * base, row["bwd_ms"])
+    row["fwd_bwd_tflops"] = tflops(8 * base, row["fwd_bwd_ms"])
+    return row
+
+
+def _run_guarded(fn):
+    """OOM is a result (the materialized paths at 16k x 128k), not a crash."""
+    try:
+        return fn(), None
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, "OOM"
+    except RuntimeError as e:  # CPU allocator failures
+        if "out of memory" in str(e).lower() or "can't allocate" in str(e).lower():
+            return None, "OOM"
+        raise
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def _inputs(n, d, vocab, k, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_(True)
+    weight = (torch.randn(vocab, d, device=device, dtype=dtype, generator=g) * d**-0.5).requires_grad_(True)
+    teacher = torch.randn(n, vocab, device=device, dtype=torch.float32, generator=g) * 2
+    lp, ids = torch.log_softmax(teacher / TEMPERATURE, dim=-1).topk(k, dim=-1)
+    del teacher
+    return hidden, weight, ids, lp
+
+
+def _check_naive_matches_reference(device):
+    """`naive` (GEMM in the input dtype) is the reference's math: check once, small."""
+    h, w, ids, lp = _inputs(64, 32, 512, 8, torch.float32, device)
+    want = reference.linear_topk_kl(h, w, ids, lp, temperature=TEMPERATURE, mode="tail")
+    torch.testing.assert_close(naive(h, w, ids, lp), want, rtol=1e-5, atol=1e-6)
+
+
+def topk_implementations(device, chunk):
+    impls = {"naive": naive, "torch.compile": torch.compile(naive, dynamic=False), "chunked": make_chunked(chunk)}
+    notes = []
+    if device == "cuda" or _library.HAS_CPP:
+        impls["pdengine"] = fused
+    else:
+        notes.append("pdengine._C not built: the fused CPU row (C++ backend) is skipped")
+    return impls, notes
+
+
+def bench_topk_shape(shape, device, warmup, reps, chunk) -> list[dict]:
+    name, n, d, vocab, k, dtype = shape
+    inputs = _inputs(n, d, vocab, k, dtype, device)
+    leaves = inputs[:2]
+    impls, notes = topk_implementations(device, chunk)
+    for note in notes:
+        print("note:", note, file=sys.stderr)
+    with torch.no_grad():
+        ref_loss, _ = _run_guarded(lambda: float(naive(*inputs)))
+    rows = []
+    for impl, fn in impls.items():
+        res, err = _run_guarded(lambda: measure(fn, inputs, leaves, warmup, reps))
+        row = {"shape": name, "impl": impl, "N": n, "d": d, "V": vocab, "k": k,
+               "dtype": str(dtype).removeprefix("torch."), "chunk": chunk if impl == "chunked" else None,
+               "backend": _library.backend_info()[device] if impl == "pdengine" else "torch"}
+        if err:
+            row["error"] = err
+        else:
+            row.update(_flops_row(res, n, d, vocab))
+            with torch.no_grad():
+                loss = float(fn(*inputs))
+            row["loss_rel_diff"] = abs(loss - ref_loss) / abs(ref_loss) if ref_loss else None
+        rows.append(row)
+        print_table([row], COLUMNS)
+    return rows
+
+
+def bench_ce_shape(shape, device, warmup, reps) -> list[dict]:
+    """k = 1 with lp = 0: the loss is cross-entropy on the ids, comparable with fused CE kernels."""
+    name, n, d, vocab, _k, dtype = shape
+    hidden, weight, _ids, _lp = _inputs(n, d, vocab, 1, dtype, device)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    ids, lp = labels[:, None], torch.zeros(n, 1, device=device)
+    impls, notes = ce_implementations()
+    impls = {"pdengine": lambda h, w, y: pdengine.linear_topk_kl(h, w, ids, lp, validate=False), **impls}
+    for note in notes:
+        print("note:", note, file=sys.stderr)
+    rows = []
+    ref = float(torch.nn.functional.cross_entropy((hidden[:1024] @ weight.T).float(), labels[:1024]))
+    for impl, fn in impls.items():
+        res, err = _run_guarded(lambda: measure(fn, (hidden, weight, labels), (hidden, weight), warmup, reps))
+        row = {"shape": name, "impl": impl, "N": n, "d": d, "V": vocab, "k": 1,
+               "dtype": str(dtype).removeprefix("torch.")}
+        if err:
+            row["error"] = err
+        else:
+            row.update(_flops_row(res, n, d, vocab))
+            with torch.no_grad():
+                first = float(fn(hidden[:1024], weight, labels[:1024])) if impl != "pdengine" else float(
+                    pdengine.linear_topk_kl(hidden[:1024], weight, ids[:1024], lp[:1024], validate=False))
+            row["loss_rel_diff"] = abs(first - ref) / abs(ref)
+        rows.append(row)
+        print_table([row], COLUMNS)
+    return rows, notes
+
+
+def bench_gemm(shape, device, warmup, reps) -> dict:
+    """The bare lm_head GEMM h @ W.T at the same shape: the rate the fused kernel is judged by."""
+    name, n, d, vocab, k, dtype = shape
+    h = torch.randn(n, d, device=device, dtype=dtype)
+    w = torch.randn(vocab, d, device=device, dtype=dtype)
+    t = time_fn(lambda: h @ w.T, warmup, reps)
+    row = {"shape": name, "impl": "gemm h@W.T", "N": n, "d": d, "V": vocab, "k": k,
+           "dtype": str(dtype).removeprefix("torch."), "fwd_ms": t["median_ms"],
+           "fwd_tflops": tflops(2 * n * d * vocab, t["median_ms"])}
+    print_table([row], ["shape", "impl", "fwd_ms", "fwd_tflops"])
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=None, help="token chunk of the chunked baseline")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.shapes == "gpu" and device != "cuda":
+        parser.error("--shapes gpu needs a CUDA device")
+    chunk = args.chunk or (1024 if device == "cuda" else 256)
+    print(environment(), pdengine.backend_info(), file=sys.stderr)
+    _check_naive_matches_reference(device)
+    rows, notes = [], []
+    for shape in GPU_SHAPES if args.shapes == "gpu" else CPU_SHAPES:
+        if device == "cuda":
+            rows.append(bench_gemm(shape, device, args.warmup, args.reps))
+        rows += bench_topk_shape(shape, device, args.warmup, args.reps, chunk)
+    if args.shapes == "gpu":
+        for shape in GPU_CE_SHAPES:
+            ce_rows, ce_notes = bench_ce_shape(shape, device, args.warmup, args.reps)
+            rows += ce_rows
+            notes += ce_notes
+    else:
+        notes.append("k=1 Liger / cut-cross-entropy rows need CUDA: skipped on CPU")
+    for note in notes:
+        rows.append({"note": note})
+    print_table([r for r in rows if "impl" in r], COLUMNS)
+    print(save_results("linear_topk_kl", rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
