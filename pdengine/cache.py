@@ -9,10 +9,10 @@ Per shard (n items, A answer tokens, G shared document prefixes):
 | tensor | shape | meaning |
 | --- | --- | --- |
 | `qa_index` | `[n]` int64 | position of the item in the prefill's QA input |
-| `prefix_ids`, `prefix_offsets` | flat int32, `[G+1]` int64 | token ids of the shared teacher prefixes |
+| `prefix_ids`, `prefix_offsets` | flat uint16 (int32 when V > 65536), `[G+1]` int64 | token ids of the shared teacher prefixes |
 | `item_prefix` | `[n]` int64 | which prefix item i's teacher sequence starts with |
-| `teacher_suffix_ids`, `teacher_suffix_offsets` | flat int32, `[n+1]` | the rest of each teacher sequence |
-| `student_ids`, `student_offsets` | flat int32, `[n+1]` | student sequences (absent when the student sees the document: then student == teacher) |
+| `teacher_suffix_ids`, `teacher_suffix_offsets` | flat token ids, `[n+1]` | the rest of each teacher sequence |
+| `student_ids`, `student_offsets` | flat token ids, `[n+1]` | student sequences (absent when the student sees the document: then student == teacher) |
 | `answer_start_teacher`, `answer_start_student` | `[n]` int64 | index of the first answer token |
 | `answer_offsets` | `[n+1]` int64 | item i's rows of the top-k tensors |
 | `topk_ids_packed` | `[A, ceil(k*b/8)]` uint8 | the k ids of a row, b = `id_bits` bits each, little-endian bit order |
@@ -181,11 +181,16 @@ def vocab_size_of(model) -> int:
 # Writing (used by pdengine.prefill)
 
 
-def _flat(seqs) -> tuple[torch.Tensor, torch.Tensor]:
+def token_dtype(bits: int) -> torch.dtype:
+    """Storage dtype of prompt token ids: 2 bytes when the vocabulary allows."""
+    return torch.uint16 if bits <= 16 else torch.int32
+
+
+def _flat(seqs, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
     offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
     offsets[1:] = lengths.cumsum(0)
-    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
+    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.int64).to(dtype)
     return flat, offsets
 
 
@@ -196,9 +201,10 @@ def shard_tensors(items, prefixes, topk_ids, topk_logprobs, *, bits, student_see
     student_input_ids, answer_start_teacher, answer_start_student; topk rows `[A, k]`
     for all answer tokens of the items, in item order.
     """
-    prefix_ids, prefix_offsets = _flat(prefixes)
+    dtype = token_dtype(bits)
+    prefix_ids, prefix_offsets = _flat(prefixes, dtype)
     suffixes = [it["teacher_input_ids"][len(prefixes[it["prefix"]]):] for it in items]
-    suffix_ids, suffix_offsets = _flat(suffixes)
+    suffix_ids, suffix_offsets = _flat(suffixes, dtype)
     n_answer = [len(it["student_input_ids"]) - it["answer_start_student"] for it in items]
     answer_offsets = torch.zeros(len(items) + 1, dtype=torch.int64)
     answer_offsets[1:] = torch.tensor(n_answer, dtype=torch.int64).cumsum(0)
@@ -213,7 +219,7 @@ def shard_tensors(items, prefixes, topk_ids, topk_logprobs, *, bits, student_see
         **encode_topk(topk_ids.cpu(), topk_logprobs.cpu(), bits),
     }
     if not student_sees_document:
-        tensors["student_ids"], tensors["student_offsets"] = _flat([it["student_input_ids"] for it in items])
+        tensors["student_ids"], tensors["student_offsets"] = _flat([it["student_input_ids"] for it in items], dtype)
     return tensors
 
 

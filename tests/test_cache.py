@@ -202,3 +202,25 @@ def test_batches_bad_arguments(llama_cache):
         cache.num_batches(0)
     with pytest.raises(ValueError, match="start"):
         next(cache.batches(4096, start=-1))
+
+
+def test_vocabulary_above_65536_round_trips(tmp_path, monkeypatch):
+    from test_prefill import tiny_model, word_tokenizer
+
+    from pdengine import prefill as prefill_module
+    from pdengine import reference
+
+    # This test is about storage; the op's Triton interpreter would take ~30 s at V=70000.
+    monkeypatch.setattr(prefill_module, "teacher_topk", reference.teacher_topk)
+    tok = word_tokenizer()
+    model = tiny_model("llama", vocab_size=70_000)
+    cache = prefill(model, tok, DOCUMENTS, QA[:2], tmp_path, k=8, progress=False)
+    assert cache.manifest["id_bits"] == 17
+    item = cache[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([item["teacher_input_ids"]])).logits[0].float()
+    a = item["answer_start_teacher"]
+    full = torch.log_softmax(logits / 2.0, -1)[a - 1: -1]
+    assert (full.topk(8).indices == item["topk_ids"]).float().mean() > 0.95
+    assert item["topk_ids"].max() >= 2 ** 16  # ids that need the 17th bit survived
+    assert item["student_input_ids"][item["answer_start_student"]:] == item["teacher_input_ids"][a:]

@@ -1,0 +1,129 @@
+"""Teacher prefill: shared-prefix packed rows vs one forward per QA pair, same run.
+
+Workload (issue 5): one document of 512 tokens, 30 QA pairs whose question + answer take
+48 tokens (16 + 32, end of turn included), a random-initialised small Llama (d=256,
+4 layers, V=32000). Both modes run `pdengine.prefill` end to end (prompts, teacher
+forward, top-k, cache writes); `share_prefix=False` gives every QA pair its own forward.
+
+Also measured: bytes per cached answer token at k=64, and the error the cache's top-k
+encoding introduces (log-prob error, KL between the exact and the decoded renormalised
+top-k distribution, tail-mass error) on synthetic teacher distributions of growing
+peakedness (a random-initialised model's distributions are nearly flat, so not telling).
+
+Usage: python bench/prefill.py [--reps 3] [--qa 30] [--doc-tokens 512]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import environment, print_table, save_results, time_fn
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pdengine import cache as cache_format
+from pdengine.prefill import build_examples, count_tokens, prefill
+
+VOCAB = 32000
+QUESTION_TOKENS, ANSWER_TOKENS = 16, 31  # + end of turn = 48 tokens per QA pair
+
+
+def word_tokenizer(vocab_size: int):
+    words = ["<pad>", "<eos>", "<unk>", "User:", "Assistant:"]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def workload(doc_tokens: int, n_qa: int, seed: int = 0):
+    """One document and n_qa QA pairs of random words (ids >= 5 are plain words)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def words(n):
+        return " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 5, (n,), generator=g).tolist())
+
+    documents = [{"id": "doc", "text": words(doc_tokens)}]
+    qa = [{"doc_id": "doc", "question": words(QUESTION_TOKENS),
+           "answer_ids": torch.randint(5, VOCAB, (ANSWER_TOKENS,), generator=g).tolist()} for _ in range(n_qa)]
+    return documents, qa
+
+
+def small_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+    return LlamaForCausalLM(config).eval()
+
+
+def bench_modes(model, tok, documents, qa, reps: int) -> list[dict]:
+    examples = build_examples(tok, documents, qa)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, share in (("shared_prefix", True), ("per_qa_forward", False)):
+            out = Path(tmp) / mode
+
+            def run():
+                return prefill(model, tok, documents, qa, out, k=64, temperature=2.0, batch_tokens=4096,
+                               resume=False, progress=False, share_prefix=share)
+
+            timing = time_fn(run, warmup=1, reps=reps)
+            counts = run().manifest["counts"]
+            rows.append({"mode": mode, "qa_pairs": len(qa), "tokens_processed": count_tokens(examples, 4096, share),
+                         **timing, "qa_per_s": len(qa) / (timing["median_ms"] / 1e3),
+                         "cache_bytes_per_answer_token": counts["bytes_per_answer_token"],
+                         "answer_tokens": counts["answer_tokens"]})
+    shared, unshared = rows
+    for row in rows:
+        row["token_ratio_vs_per_qa"] = unshared["tokens_processed"] / row["tokens_processed"]
+        row["speedup_vs_per_qa"] = unshared["median_ms"] / row["median_ms"]
+    return rows
+
+
+def bench_encoding_error(k: int = 64, vocab: int = VOCAB, tokens: int = 512) -> list[dict]:
+    """Error of the cache's log-prob encoding on synthetic teacher distributions at T=2."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for logit_std in (1.0, 4.0, 8.0, 16.0):
+        logits = torch.randn(tokens, vocab, generator=g, dtype=torch.float64) * logit_std
+        exact = torch.log_softmax(logits / 2.0, -1).topk(k).values
+        decoded = cache_format.decode_logprobs(*cache_format.encode_logprobs(exact)).double()
+        p, q = exact.softmax(-1), decoded.softmax(-1)
+        kl = (p * (p.log() - q.log())).sum(-1)
+        tail_err = (exact.exp().sum(-1) - decoded.exp().sum(-1)).abs()
+        rows.append({"logit_std": logit_std, "top1_prob": exact[:, 0].exp().mean().item(),
+                     "topk_mass": exact.exp().sum(-1).mean().item(),
+                     "max_abs_logprob_err": (decoded - exact).abs().max().item(),
+                     "kl_renorm_mean": kl.mean().item(), "kl_renorm_max": kl.max().item(),
+                     "tail_mass_abs_err_max": tail_err.max().item()})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--qa", type=int, default=30)
+    parser.add_argument("--doc-tokens", type=int, default=512)
+    args = parser.parse_args()
+    print(environment())
+    tok, model = word_tokenizer(VOCAB), small_llama()
+    if torch.cuda.is_available():
+        model = model.to("cuda", torch.bfloat16)
+    documents, qa = workload(args.doc_tokens, args.qa)
+    start = time.perf_counter()
+    rows = bench_modes(model, tok, documents, qa, args.reps)
+    print_table(rows, ["mode", "tokens_processed", "median_ms", "p20_ms", "p80_ms", "qa_per_s",
+                       "token_ratio_vs_per_qa", "speedup_vs_per_qa", "cache_bytes_per_answer_token"])
+    enc = bench_encoding_error()
+    print_table(enc, ["logit_std", "top1_prob", "topk_mass", "max_abs_logprob_err", "kl_renorm_mean",
+                      "kl_renorm_max", "tail_mass_abs_err_max"])
+    save_results("prefill", rows)
+    save_results("prefill_encoding", enc)
+    print(f"total {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
