@@ -3,8 +3,11 @@
 Math: DESIGN.md section 3. Four kernels, all accumulating in fp32:
 
 forward
-  _lse_kernel        grid (token blocks): logit tiles h W^T + (s h A^T) B^T, soft-cap,
-                     temperature, online max/sum over vocabulary tiles -> lse [N].
+  _lse_kernel        grid (token blocks, vocabulary splits): logit tiles h W^T +
+                     (s h A^T) B^T, soft-cap, temperature, online max/sum over the
+                     split's vocabulary tiles -> partial (max, sum) [splits, N], merged
+                     into lse [N] by the launcher (splits keep every SM busy when N is
+                     small; one split when N alone fills the GPU).
   _sparse_fwd_kernel grid (tokens): the logits at the k teacher ids (and the label) as
                      k dot products of h with W rows (O(k d) per token, d chunked), then
                      the per-token KL (+ CE) from them and lse -> loss [N].
@@ -45,10 +48,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if _INTERPRET:
     _FWD = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1)
     _BWD = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1)
+    _BWD_NO_WGRAD = _BWD
     _SPARSE_BLOCK_D = 128
 else:
     _FWD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-    _BWD = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)
+    # The dense backward's atomic traffic is N d V (1/BLOCK_V for dh + 1/BLOCK_N for dW):
+    # square tiles with dW, wide vocabulary tiles without it (the LoRA-on-lm_head case).
+    _BWD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)
+    _BWD_NO_WGRAD = dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=2)
     _SPARSE_BLOCK_D = 128
 
 
@@ -137,17 +144,20 @@ def _capped_scaled(u, softcap, inv_tau, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _lse_kernel(
-    h_ptr, w_ptr, ha_ptr, b_ptr, lse_ptr,
+    h_ptr, w_ptr, ha_ptr, b_ptr, max_ptr, sum_ptr,
     N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
-    inv_tau, softcap,
+    inv_tau, softcap, tiles_per_split,
     HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_mask = rows < N
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_start = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         u = _logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
@@ -158,7 +168,8 @@ def _lse_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
+    tl.store(max_ptr + split * N + rows, m, mask=row_mask)
+    tl.store(sum_ptr + split * N + rows, s, mask=row_mask)
 
 
 @triton.jit
@@ -426,6 +437,32 @@ def _common(h, w, ha, b, teacher_ids, temperature, softcap):
     return n, d, k, r, flags, strides, ptrs, scalars
 
 
+def _vocab_splits(n_row_blocks: int, n_vocab_tiles: int, device) -> int:
+    """Vocabulary splits of the lse kernel: enough programs for two waves over the SMs."""
+    if device.type != "cuda":
+        return min(2, n_vocab_tiles)  # the interpreter: still exercise the merge
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_vocab_tiles, triton.cdiv(2 * sms, n_row_blocks)))
+
+
+def _launch_lse(ptrs, strides, scalars, flags, n, v, d, r, ieee):
+    cfg = _FWD
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    tiles = triton.cdiv(v, cfg["BLOCK_V"])
+    splits = _vocab_splits(row_blocks, tiles, ptrs[0].device)
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)  # no empty split
+    part_max = torch.empty(splits, n, device=ptrs[0].device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    _lse_kernel[(row_blocks, splits)](
+        *ptrs, part_max, part_sum, n, v, d, r, *strides, scalars["inv_tau"], scalars["softcap"],
+        tiles_per_split, IEEE=ieee, **flags, **cfg)
+    if splits == 1:
+        return part_max[0] + part_sum[0].log()
+    top = part_max.max(dim=0).values  # finite: every split holds at least one column
+    return top + (part_sum * (part_max - top).exp()).sum(dim=0).log()
+
+
 def linear_topk_kl(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs, labels,
                    lora_scale, temperature, softcap, tail, ce_weight, ignore_index):
     """Per-token loss [N] f32 (KL + ce_weight * CE, 0 where ignored) and lse [N] f32."""
@@ -435,14 +472,9 @@ def linear_topk_kl(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs
     n, d, k, r, flags, strides, ptrs, scalars = _common(h, w, ha, b, ids, temperature, softcap)
     v = w.shape[0]
     loss = torch.empty(n, device=h.device, dtype=torch.float32)
-    lse = torch.empty(n, device=h.device, dtype=torch.float32)
     if n == 0:
-        return loss, lse
-    ieee = h.dtype == torch.float32
-    cfg = _FWD
-    _lse_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        *ptrs, lse, n, v, d, r, *strides, scalars["inv_tau"], scalars["softcap"],
-        IEEE=ieee, **flags, **cfg)
+        return loss, torch.empty_like(loss)
+    lse = _launch_lse(ptrs, strides, scalars, flags, n, v, d, r, ieee=h.dtype == torch.float32)
     lab = labels.contiguous() if labels is not None else ids
     _sparse_fwd_kernel[(n,)](
         *ptrs, ids, lp, lab, lse, loss, d, r, k, *strides, ids.stride(0), lp.stride(0),
@@ -481,7 +513,7 @@ def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_i
             TAIL=bool(tail), HAS_LABELS=labels is not None,
             HAS_CE=labels is not None and ce_weight != 0, WEIGHT_GRAD=bool(needs_weight_grad),
             BLOCK_K=_pow2(k), BLOCK_D=_SPARSE_BLOCK_D, **flags)
-        cfg = _BWD
+        cfg = _BWD if needs_weight_grad else _BWD_NO_WGRAD
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
         _dense_bwd_kernel[grid](
             *ptrs, lse, coef, dh, gb, dw_arg, db, n, v, d, r, *strides,
