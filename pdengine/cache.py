@@ -448,8 +448,8 @@ class TeacherCache:
         """
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be a non-negative int, got {start!r}")
-        for indices in self._plan(batch_tokens, seed, epoch, shuffle)[start:]:
-            yield self._collate(indices)
+        plan = self._plan(batch_tokens, seed, epoch, shuffle)[start:]  # bad arguments raise here, not at next()
+        return (self._collate(indices) for indices in plan)
 
     def _collate(self, indices: list[int]) -> dict:
         input_ids, positions, segments, targets, labels, rows = [], [], [], [], [], []

@@ -25,7 +25,7 @@ import torch
 from pdengine import cache as cache_format
 from pdengine import modeling
 from pdengine.ops.teacher_topk import teacher_topk
-from pdengine.prompts import DEFAULT_FORMAT, build_example
+from pdengine.prompts import DEFAULT_FORMAT, PromptFormat, build_example
 
 DEFAULT_SHARD_SIZE = 1024
 
@@ -298,7 +298,16 @@ def _clear_cache_dir(out_dir: Path) -> None:
     shutil.rmtree(out_dir)
 
 
-def _check_settings(k, temperature, batch_tokens, shard_size):
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    # A kill during an atomic write leaves its temp file behind (io.atomic_write_bytes).
+    for tmp in out_dir.glob(".*.tmp"):
+        if tmp.name.startswith((".shard-", f".{cache_format.MANIFEST}")):
+            tmp.unlink()
+
+
+def _check_settings(k, temperature, batch_tokens, shard_size, fmt):
+    if not isinstance(fmt, PromptFormat):
+        raise ValueError(f"fmt must be a pdengine.prompts.PromptFormat, got {type(fmt).__name__}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -338,7 +347,7 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=64, temperature
 
     Returns the TeacherCache.
     """
-    _check_settings(k, temperature, batch_tokens, shard_size)
+    _check_settings(k, temperature, batch_tokens, shard_size, fmt)
     out_dir = Path(out_dir)
     vocab = cache_format.vocab_size_of(model)
     if k > vocab:
@@ -353,6 +362,7 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=64, temperature
         out_dir.mkdir(parents=True, exist_ok=True)
     else:
         manifest = existing
+        _remove_stale_temp_files(out_dir)
     model.eval()
     _fill_shards(model, examples, out_dir, manifest, batch_tokens=batch_tokens, progress=progress,
                  share_prefix=share_prefix)
@@ -427,7 +437,6 @@ def run(args) -> int:
     """`pdengine prefill`: load the teacher, prefill, print a summary."""
     from pdengine.io import read_jsonl
     from pdengine.loading import load_model_and_tokenizer
-    from pdengine.prompts import PromptFormat
 
     documents = read_jsonl(args.documents, required=("id", "text"))
     qa_pairs = read_jsonl(args.qa, required=("doc_id", "question"))

@@ -171,6 +171,15 @@ def test_resume_after_interrupted_prefill(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_resume_removes_temp_files_of_a_killed_write(tmp_path):
+    model, tok = setup("llama")
+    prefill(model, tok, DOCUMENTS, QA, tmp_path, k=8, shard_size=2, progress=False)
+    stale = tmp_path / ".shard-00001.safetensors.abc123.tmp"
+    stale.write_bytes(b"half a shard")
+    assert len(prefill(model, tok, DOCUMENTS, QA, tmp_path, k=8, shard_size=2, progress=False)) == len(QA)
+    assert not stale.exists()
+
+
 def test_resume_refuses_other_settings_and_force_overwrites(tmp_path):
     model, tok = setup("llama")
     prefill(model, tok, DOCUMENTS, QA, tmp_path, k=8, progress=False)
@@ -210,7 +219,7 @@ def test_answer_ids_are_used_as_given(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(k=0), "k must"), (dict(k=10_000), "k=10000"), (dict(temperature=0.0), "temperature"),
-    (dict(batch_tokens=0), "batch_tokens"), (dict(shard_size=-1), "shard_size"),
+    (dict(batch_tokens=0), "batch_tokens"), (dict(shard_size=-1), "shard_size"), (dict(fmt="plain"), "fmt"),
 ])
 def test_bad_settings_raise(tmp_path, kwargs, message):
     model, tok = setup("llama")
