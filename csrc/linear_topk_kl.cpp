@@ -1,0 +1,420 @@
+// Fused lm_head + top-k KL loss on the CPU (DESIGN.md section 3).
+//
+// Work is split into chunks of kChunkRows tokens; inside a chunk the vocabulary tiles are
+// spread over threads (each thread folds its tiles into its own partial state, reduced
+// deterministically at the end). A logits tile [rows, kTileVocab] is an ATen GEMM on views
+// of the inputs; the [N, V] logits never exist. The per-token top-k terms (O(N k)) use
+// logits at the teacher ids computed by dot products, in double.
+#include "common.h"
+
+namespace pdengine {
+namespace {
+
+// The op's inputs in compute dtype (float32, or float64 for float64 inputs), contiguous.
+struct LossInputs {
+  int64_t n = 0, d = 0, vocab = 0, k = 0;
+  at::ScalarType dtype = at::kFloat;
+  Tensor h, w, a, b, sha;  // sha = s * h A^T [N, r]; a, b, sha undefined without LoRA
+  Tensor ids;              // int64 [N, k]
+  Tensor lp;               // double [N, k]: teacher log-probs
+  Tensor labels;           // int64 [N] or undefined
+  double scale = 1.0, temperature = 1.0, softcap = 0.0, ce_weight = 0.0;
+  bool tail = true;
+  int64_t ignore_index = -100;
+
+  bool has_lora() const { return a.defined(); }
+  bool has_ce() const { return labels.defined() && ce_weight != 0.0; }
+  bool counted(int64_t row) const {
+    return !labels.defined() || labels.data_ptr<int64_t>()[row] != ignore_index;
+  }
+};
+
+void check_inputs(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& lora_a,
+                  const std::optional<Tensor>& lora_b, const Tensor& ids, const Tensor& lp,
+                  const std::optional<Tensor>& labels, double temperature, double softcap) {
+  check_floating(hidden, "hidden");
+  check_dim(hidden, 2, "hidden", "2-D [N, d]");
+  check_floating(weight, "weight");
+  check_dim(weight, 2, "weight", "2-D [V, d]");
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must have shape [V, ",
+                    hidden.size(1), "] (hidden's d), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight must have at least one vocabulary row");
+  TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(),
+                    "lora_a and lora_b must be given together");
+  if (lora_a.has_value()) {
+    check_floating(*lora_a, "lora_a");
+    check_floating(*lora_b, "lora_b");
+    check_dim(*lora_a, 2, "lora_a", "2-D [r, d]");
+    TORCH_CHECK_VALUE(lora_a->size(1) == hidden.size(1) && lora_a->size(0) >= 1,
+                      "lora_a must have shape [r, ", hidden.size(1), "], got ", lora_a->sizes());
+    TORCH_CHECK_VALUE(lora_b->dim() == 2 && lora_b->size(0) == weight.size(0) &&
+                          lora_b->size(1) == lora_a->size(0),
+                      "lora_b must have shape [", weight.size(0), ", ", lora_a->size(0),
+                      "], got ", lora_b->sizes());
+  }
+  check_integral(ids, "teacher_ids");
+  check_dim(ids, 2, "teacher_ids", "2-D [N, k]");
+  TORCH_CHECK_VALUE(ids.size(0) == hidden.size(0) && ids.size(1) >= 1,
+                    "teacher_ids must have shape [N=", hidden.size(0), ", k >= 1], got ",
+                    ids.sizes());
+  check_floating(lp, "teacher_logprobs");
+  TORCH_CHECK_VALUE(lp.sizes() == ids.sizes(), "teacher_logprobs must have the shape of teacher_ids ",
+                    ids.sizes(), ", got ", lp.sizes());
+  if (labels.has_value()) {
+    check_integral(*labels, "labels");
+    TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == hidden.size(0),
+                      "labels must have shape [N=", hidden.size(0), "], got ", labels->sizes());
+  }
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(softcap >= 0, "softcap must be >= 0 (0 = none), got ", softcap);
+}
+
+// Ids (and labels used by the CE term) must index the vocabulary.
+void check_index_ranges(const LossInputs& in) {
+  const int64_t* ids = in.ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.n * in.k; ++i) {
+    TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < in.vocab, "teacher_ids must lie in [0, V=",
+                      in.vocab, "), got ", ids[i]);
+  }
+  if (!in.has_ce()) return;
+  const int64_t* labels = in.labels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.n; ++i) {
+    TORCH_CHECK_VALUE(labels[i] == in.ignore_index || (labels[i] >= 0 && labels[i] < in.vocab),
+                      "labels must lie in [0, V=", in.vocab, ") or equal ignore_index=",
+                      in.ignore_index, ", got ", labels[i]);
+  }
+}
+
+LossInputs prepare(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& lora_a,
+                   const std::optional<Tensor>& lora_b, const Tensor& ids, const Tensor& lp,
+                   const std::optional<Tensor>& labels, double lora_scale, double temperature,
+                   double softcap, bool tail, double ce_weight, int64_t ignore_index) {
+  check_inputs(hidden, weight, lora_a, lora_b, ids, lp, labels, temperature, softcap);
+  c10::NoGradGuard no_grad;
+  LossInputs in;
+  in.n = hidden.size(0);
+  in.d = hidden.size(1);
+  in.vocab = weight.size(0);
+  in.k = ids.size(1);
+  in.dtype = compute_dtype(hidden, weight);
+  in.h = as_compute(hidden, in.dtype);
+  in.w = as_compute(weight, in.dtype);
+  if (lora_a.has_value()) {
+    in.a = as_compute(*lora_a, in.dtype);
+    in.b = as_compute(*lora_b, in.dtype);
+    in.sha = at::mm(in.h, in.a.t()).mul_(lora_scale);
+  }
+  in.ids = ids.detach().to(at::kLong).contiguous();
+  in.lp = lp.detach().to(at::kDouble).contiguous();
+  if (labels.has_value()) in.labels = labels->detach().to(at::kLong).contiguous();
+  in.scale = lora_scale;
+  in.temperature = temperature;
+  in.softcap = softcap;
+  in.tail = tail;
+  in.ce_weight = ce_weight;
+  in.ignore_index = ignore_index;
+  check_index_ranges(in);
+  return in;
+}
+
+// z = softcap(u) / tau of token `row` at vocabulary entry `v`, by a dot product in double.
+template <typename scalar_t>
+double scaled_logit_at(const LossInputs& in, int64_t row, int64_t v) {
+  const scalar_t* h = in.h.data_ptr<scalar_t>() + row * in.d;
+  const scalar_t* w = in.w.data_ptr<scalar_t>() + v * in.d;
+  double u = 0.0;
+  for (int64_t c = 0; c < in.d; ++c) u += static_cast<double>(h[c]) * w[c];
+  if (in.has_lora()) {
+    const int64_t r = in.a.size(0);
+    const scalar_t* sha = in.sha.data_ptr<scalar_t>() + row * r;
+    const scalar_t* b = in.b.data_ptr<scalar_t>() + v * r;
+    for (int64_t c = 0; c < r; ++c) u += static_cast<double>(sha[c]) * b[c];
+  }
+  return scale_logit(u, in.softcap, in.temperature);
+}
+
+// z at the teacher ids [N, k] and at the labels [N] (double; labels only with a CE term).
+template <typename scalar_t>
+std::pair<Tensor, Tensor> target_logits(const LossInputs& in) {
+  Tensor z_ids = at::empty({in.n, in.k}, at::kDouble);
+  Tensor z_label = at::zeros({in.n}, at::kDouble);
+  double* zi = z_ids.data_ptr<double>();
+  double* zl = z_label.data_ptr<double>();
+  const int64_t* ids = in.ids.data_ptr<int64_t>();
+  at::parallel_for(0, in.n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t j = 0; j < in.k; ++j) {
+        zi[row * in.k + j] = scaled_logit_at<scalar_t>(in, row, ids[row * in.k + j]);
+      }
+      if (in.has_ce() && in.counted(row)) {
+        zl[row] = scaled_logit_at<scalar_t>(in, row, in.labels.data_ptr<int64_t>()[row]);
+      }
+    }
+  });
+  return {z_ids, z_label};
+}
+
+// The log-sum-exp of z = softcap(u) / tau over the vocabulary, per token: [N] double.
+template <typename scalar_t>
+Tensor full_lse(const LossInputs& in) {
+  Tensor lse = at::empty({in.n}, at::kDouble);
+  double* out = lse.data_ptr<double>();
+  const int64_t n_tiles = ceil_div(in.vocab, kTileVocab);
+  for (int64_t c0 = 0; c0 < in.n; c0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, in.n - c0);
+    const Tensor h = in.h.narrow(0, c0, rows);
+    const Tensor sha = in.has_lora() ? in.sha.narrow(0, c0, rows) : Tensor();
+    struct Partial {
+      OnlineLse lse;
+      Tensor logits, scratch;
+    };
+    auto partials = parallel_over_tiles<Partial>(
+        n_tiles,
+        [&] {
+          return Partial{OnlineLse(rows), at::empty({rows * kTileVocab}, in.h.options()),
+                         at::empty({rows * kTileVocab}, in.h.options())};
+        },
+        [&](Partial& p, int64_t tile) {
+          const int64_t v0 = tile * kTileVocab;
+          const int64_t cols = std::min(kTileVocab, in.vocab - v0);
+          Tensor z = scratch_view(p.logits, rows, cols);
+          Tensor scratch = scratch_view(p.scratch, rows, cols);
+          tile_logits(z, h, in.w, sha, in.b, v0, cols);
+          scale_logits(z, in.softcap, in.temperature);
+          p.lse.template fold<scalar_t>(z, scratch);
+        });
+    std::vector<const OnlineLse*> parts;
+    for (const auto& p : partials) parts.push_back(&p.lse);
+    for (int64_t i = 0; i < rows; ++i) out[c0 + i] = merge_lse(parts, i);
+  }
+  return lse;
+}
+
+// One token's top-k KL (DESIGN.md section 3) and its gradient with respect to z:
+// dKL/dz_v = dense * q_v + sum_j corr[j] [v == ids_j]. `corr` may be null (forward only).
+double topk_kl_row(const double* z_ids, const double* lp, int64_t k, double lse, bool tail,
+                   double* dense, double* corr) {
+  double kl = 0.0;
+  if (!tail) {  // renorm: p^ = softmax(lp) over the k entries
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < k; ++j) m = std::max(m, lp[j]);
+    double s = 0.0;
+    for (int64_t j = 0; j < k; ++j) s += std::exp(lp[j] - m);
+    const double log_norm = m + std::log(s);
+    double mass = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      const double log_p = lp[j] - log_norm;
+      const double p = std::exp(log_p);
+      kl += p * (log_p - (z_ids[j] - lse));
+      mass += p;
+      if (corr) corr[j] = -p;
+    }
+    *dense = mass;
+    return kl;
+  }
+  // tail: p = exp(lp), R = 1 - sum p, Q = sum q[ids], S = 1 - Q (clamped, gradient stopped)
+  double p_sum = 0.0, q_sum = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    const double p = std::exp(lp[j]);
+    const double log_q = z_ids[j] - lse;
+    if (p > 0) kl += p * (lp[j] - log_q);
+    p_sum += p;
+    q_sum += std::exp(log_q);
+  }
+  const double teacher_tail = std::max(1.0 - p_sum, 0.0);
+  const double student_tail_raw = 1.0 - q_sum;
+  const double student_tail = std::max(student_tail_raw, kTailMassEps);
+  if (teacher_tail > 0) kl += teacher_tail * (std::log(teacher_tail) - std::log(student_tail));
+  const double ratio = student_tail_raw >= kTailMassEps ? teacher_tail / student_tail_raw : 0.0;
+  *dense = p_sum - ratio * q_sum;
+  if (corr) {
+    for (int64_t j = 0; j < k; ++j) corr[j] = ratio * std::exp(z_ids[j] - lse) - std::exp(lp[j]);
+  }
+  return kl;
+}
+
+// Per-token gradient coefficients of G = dL/du (before the soft-cap factor):
+// G[n, v] = dense[n] q[n, v] + corr[n, j] at v = ids[n, j] + label_corr[n] at v = labels[n].
+struct GradCoefficients {
+  Tensor dense, corr, label_corr;  // compute dtype: [N], [N, k], [N]
+};
+
+GradCoefficients grad_coefficients(const LossInputs& in, const Tensor& grad_loss,
+                                   const Tensor& lse, const Tensor& z_ids,
+                                   const Tensor& z_label) {
+  Tensor dense = at::zeros({in.n}, at::kDouble);
+  Tensor corr = at::zeros({in.n, in.k}, at::kDouble);
+  Tensor label_corr = at::zeros({in.n}, at::kDouble);
+  const double* gl = grad_loss.data_ptr<double>();
+  const double* lse_p = lse.data_ptr<double>();
+  at::parallel_for(0, in.n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (!in.counted(row)) continue;  // loss is exactly 0: no gradient
+      const double g = gl[row] / in.temperature;
+      double* corr_row = corr.data_ptr<double>() + row * in.k;
+      double c = 0.0;
+      topk_kl_row(z_ids.data_ptr<double>() + row * in.k, in.lp.data_ptr<double>() + row * in.k,
+                  in.k, lse_p[row], in.tail, &c, corr_row);
+      for (int64_t j = 0; j < in.k; ++j) corr_row[j] *= g;
+      if (in.has_ce()) {
+        c += in.ce_weight;
+        label_corr.data_ptr<double>()[row] = -in.ce_weight * g;
+      }
+      dense.data_ptr<double>()[row] = c * g;
+    }
+  });
+  return {dense.to(in.dtype), corr.to(in.dtype), label_corr.to(in.dtype)};
+}
+
+// Adds the sparse corrections of token rows [c0, c0 + rows) that fall in vocabulary
+// [v0, v0 + cols) to the gradient tile g [rows, cols].
+template <typename scalar_t>
+void add_sparse_corrections(const LossInputs& in, const GradCoefficients& coef, scalar_t* g,
+                            int64_t c0, int64_t rows, int64_t v0, int64_t cols) {
+  const int64_t* ids = in.ids.data_ptr<int64_t>();
+  const scalar_t* corr = coef.corr.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = c0 + i;
+    for (int64_t j = 0; j < in.k; ++j) {
+      const int64_t v = ids[row * in.k + j] - v0;
+      if (v >= 0 && v < cols) g[i * cols + v] += corr[row * in.k + j];
+    }
+    if (in.has_ce() && in.counted(row)) {
+      const int64_t v = in.labels.data_ptr<int64_t>()[row] - v0;
+      if (v >= 0 && v < cols) g[i * cols + v] += coef.label_corr.data_ptr<scalar_t>()[row];
+    }
+  }
+}
+
+struct Grads {
+  Tensor h, w, a, b;  // compute dtype; w undefined unless needed, a/b without LoRA
+};
+
+// One chunk of the backward: vocabulary tiles over threads; each thread accumulates its
+// own dh / (G B) partials, dW and dB rows belong to exactly one tile (no races).
+template <typename scalar_t>
+void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Tensor& lse,
+                    int64_t c0, int64_t rows, Grads& grads) {
+  const Tensor h = in.h.narrow(0, c0, rows);
+  const Tensor sha = in.has_lora() ? in.sha.narrow(0, c0, rows) : Tensor();
+  const Tensor lse_c = lse.narrow(0, c0, rows).unsqueeze(1);
+  const Tensor dense_c = coef.dense.narrow(0, c0, rows).unsqueeze(1);
+  const int64_t r = in.has_lora() ? in.a.size(0) : 0;
+  struct Partial {
+    Tensor dh, gb, logits, g;
+  };
+  auto partials = parallel_over_tiles<Partial>(
+      ceil_div(in.vocab, kTileVocab),
+      [&] {
+        return Partial{at::zeros({rows, in.d}, in.h.options()),
+                       r ? at::zeros({rows, r}, in.h.options()) : Tensor(),
+                       at::empty({rows * kTileVocab}, in.h.options()),
+                       at::empty({rows * kTileVocab}, in.h.options())};
+      },
+      [&](Partial& p, int64_t tile) {
+        const int64_t v0 = tile * kTileVocab;
+        const int64_t cols = std::min(kTileVocab, in.vocab - v0);
+        Tensor u = scratch_view(p.logits, rows, cols);
+        Tensor g = scratch_view(p.g, rows, cols);
+        tile_logits(u, h, in.w, sha, in.b, v0, cols);
+        if (in.softcap > 0) {
+          u.mul_(1.0 / in.softcap).tanh_();  // t = tanh(u / c); z = c t / tau
+          at::mul_out(g, u, in.softcap / in.temperature);
+        } else {
+          at::mul_out(g, u, 1.0 / in.temperature);
+        }
+        g.sub_(lse_c).exp_().mul_(dense_c);  // dense part: coefficient * q
+        add_sparse_corrections<scalar_t>(in, coef, g.data_ptr<scalar_t>(), c0, rows, v0, cols);
+        if (in.softcap > 0) g.mul_(u.mul_(u).neg_().add_(1.0));  // d softcap / du = 1 - t^2
+        p.dh.addmm_(g, in.w.narrow(0, v0, cols));
+        if (r) p.gb.addmm_(g, in.b.narrow(0, v0, cols));
+        if (grads.w.defined()) grads.w.narrow(0, v0, cols).addmm_(g.t(), h);
+        if (r) grads.b.narrow(0, v0, cols).addmm_(g.t(), sha);  // dB = s G^T (h A^T)
+      });
+  Tensor dh = grads.h.narrow(0, c0, rows);
+  Tensor gb = r ? at::zeros({rows, r}, in.h.options()) : Tensor();
+  for (const auto& p : partials) {
+    dh.add_(p.dh);
+    if (r) gb.add_(p.gb);
+  }
+  if (r) {
+    dh.addmm_(gb, in.a, 1.0, in.scale);                // dh += s (G B) A
+    grads.a.addmm_(gb.t(), h, 1.0, in.scale);          // dA += s (G B)^T h
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> linear_topk_kl_cpu(
+    const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& lora_a,
+    const std::optional<Tensor>& lora_b, const Tensor& teacher_ids,
+    const Tensor& teacher_logprobs, const std::optional<Tensor>& labels, double lora_scale,
+    double temperature, double softcap, bool tail, double ce_weight, int64_t ignore_index) {
+  const LossInputs in = prepare(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs,
+                                labels, lora_scale, temperature, softcap, tail, ce_weight,
+                                ignore_index);
+  c10::NoGradGuard no_grad;
+  Tensor loss = at::zeros({in.n}, at::kDouble);
+  Tensor lse;
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_topk_kl_cpu", [&] {
+    lse = full_lse<scalar_t>(in);
+    auto [z_ids, z_label] = target_logits<scalar_t>(in);
+    double* out = loss.data_ptr<double>();
+    at::parallel_for(0, in.n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        if (!in.counted(row)) continue;  // exactly 0 for ignored tokens
+        const double lse_row = lse.data_ptr<double>()[row];
+        double dense = 0.0;
+        double value = topk_kl_row(z_ids.data_ptr<double>() + row * in.k,
+                                   in.lp.data_ptr<double>() + row * in.k, in.k, lse_row,
+                                   in.tail, &dense, nullptr);
+        if (in.has_ce()) value += in.ce_weight * (lse_row - z_label.data_ptr<double>()[row]);
+        out[row] = value;
+      }
+    });
+  });
+  return {loss.to(at::kFloat), lse.to(at::kFloat)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_topk_kl_backward_cpu(
+    const Tensor& grad_loss, const Tensor& hidden, const Tensor& weight,
+    const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
+    const Tensor& teacher_ids, const Tensor& teacher_logprobs,
+    const std::optional<Tensor>& labels, const Tensor& lse, double lora_scale,
+    double temperature, double softcap, bool tail, double ce_weight, int64_t ignore_index,
+    bool needs_weight_grad) {
+  const LossInputs in = prepare(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs,
+                                labels, lora_scale, temperature, softcap, tail, ce_weight,
+                                ignore_index);
+  check_floating(grad_loss, "grad_loss");
+  check_floating(lse, "lse");
+  TORCH_CHECK_VALUE(grad_loss.numel() == in.n, "grad_loss must have N=", in.n,
+                    " elements, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(lse.numel() == in.n, "lse must have N=", in.n, " elements, got shape ",
+                    lse.sizes());
+  c10::NoGradGuard no_grad;
+  const Tensor gl = grad_loss.detach().reshape({in.n}).to(at::kDouble).contiguous();
+  const Tensor lse_d = lse.detach().reshape({in.n}).to(at::kDouble).contiguous();
+  const Tensor lse_c = lse_d.to(in.dtype);
+  Grads grads;
+  grads.h = at::zeros({in.n, in.d}, in.h.options());
+  if (needs_weight_grad) grads.w = at::zeros({in.vocab, in.d}, in.h.options());
+  if (in.has_lora()) {
+    grads.a = at::zeros_like(in.a);
+    grads.b = at::zeros_like(in.b);
+  }
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_topk_kl_backward_cpu", [&] {
+    auto [z_ids, z_label] = target_logits<scalar_t>(in);
+    const GradCoefficients coef = grad_coefficients(in, gl, lse_d, z_ids, z_label);
+    for (int64_t c0 = 0; c0 < in.n; c0 += kChunkRows) {
+      backward_chunk<scalar_t>(in, coef, lse_c, c0, std::min(kChunkRows, in.n - c0), grads);
+    }
+  });
+  const Tensor empty = hidden.new_empty({0});
+  return {grads.h.to(hidden.scalar_type()),
+          needs_weight_grad ? grads.w.to(weight.scalar_type()) : weight.new_empty({0}),
+          in.has_lora() ? grads.a.to(lora_a->scalar_type()) : empty,
+          in.has_lora() ? grads.b.to(lora_b->scalar_type()) : empty};
+}
+
+}  // namespace pdengine
