@@ -367,10 +367,17 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _target_hidden(model, batch) -> torch.Tensor:
-    """Final hidden states at the packed target positions, `[M, d]`; no logits formed."""
-    mask = modeling.segment_attention_mask(batch["segment_ids"])
-    hidden = modeling.hidden_states(model, batch["input_ids"], batch["position_ids"], mask)
-    return hidden[0, batch["target_positions"]]
+    """Final hidden states at the target positions, `[M, d]`; no logits are formed.
+
+    Packed batches (`segment_ids` present) get the block mask that isolates sequences;
+    a batch without `segment_ids` is `[B, T]` rows of one sequence each, and
+    `target_positions` index the flattened `B * T` positions.
+    """
+    mask = None
+    if "segment_ids" in batch:
+        mask = modeling.segment_attention_mask(batch["segment_ids"])
+    hidden = modeling.hidden_states(model, batch["input_ids"], batch.get("position_ids"), mask)
+    return hidden.reshape(-1, hidden.shape[-1])[batch["target_positions"]]
 
 
 def _fused_loss_op():
