@@ -525,9 +525,17 @@ def _cache_identity(cache) -> dict:
     return ident
 
 
-def _check_cache(model, cache, config: TrainConfig) -> None:
+def _check_cache(model, tokenizer, cache, config: TrainConfig, name="cache") -> None:
+    """The cache must be non-empty and made for this model/vocabulary/temperature."""
     if len(cache) == 0:
-        raise ValueError(f"the cache {getattr(cache, 'path', '')} is empty: it holds no examples")
+        raise ValueError(f"the {name} {getattr(cache, 'path', '')} is empty: it holds no examples")
+    temperature = config.temperature if config.loss == "pd" else None
+    from pdengine.cache import TeacherCache, check_compatible
+
+    if isinstance(cache, TeacherCache):  # fingerprints of model, tokenizer, vocabulary
+        check_compatible(cache.manifest, str(cache.path), model=model, tokenizer=tokenizer,
+                         temperature=temperature)
+        return
     manifest = getattr(cache, "manifest", None) or {}
     vocab = modeling.output_layer(model).weight.shape[0]
     cache_vocab = manifest.get("vocab_size")
@@ -787,7 +795,9 @@ def train(model, tokenizer, cache, out_dir, config: TrainConfig | None = None, *
     if config.replay_fraction > 0 and replay is None:
         raise ValueError("replay_fraction > 0 needs replay_cache (a TeacherCache or a list of examples)")
     out = Path(out_dir)
-    _check_cache(model, cache, config)
+    _check_cache(model, tokenizer, cache, config)
+    if replay is not None:
+        _check_cache(model, tokenizer, replay, config, name="replay_cache")
     _check_out_dir(out, config, cache, resume)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -880,7 +890,9 @@ def run(args) -> int:
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
         temperature = config.temperature if config.loss == "pd" else None
         cache = TeacherCache(args.cache, model=model, tokenizer=tokenizer, temperature=temperature)
-        replay = TeacherCache(args.replay_cache, model=model, tokenizer=tokenizer) if args.replay_cache else None
+        replay = None
+        if args.replay_cache:
+            replay = TeacherCache(args.replay_cache, model=model, tokenizer=tokenizer, temperature=temperature)
         metrics = train(model, tokenizer, cache, args.out, config, replay_cache=replay, resume=args.resume)
     except (ValueError, TrainingError) as e:
         print(f"pdengine train: error: {e}")

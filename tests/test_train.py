@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pdengine import modeling, reference
+from pdengine.cache import TeacherCache
 from pdengine.train import TrainConfig, TrainingError, pack_examples, train
 
 VOCAB, K, TEMPERATURE = 48, 4, 2.0
@@ -263,7 +264,27 @@ def test_cli_trains_from_a_teacher_cache_and_resumes(tmp_path, capsys):
     reloaded = load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "model"), tmp_path / "run" / "adapter")
     assert any("lora_" in n for n, _ in reloaded.named_parameters())
 
-    model_dir(tmp_path / "other", seed=1)  # same shapes, other weights: not the cache's model
+    other, _ = model_dir(tmp_path / "other", seed=1)  # same shapes, other weights: not the cache's model
     capsys.readouterr()
     assert cli([*common[:1], str(tmp_path / "other"), *common[2:4], "--out", str(tmp_path / "run2")]) == 2
     assert "does not match" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="does not match: model"):
+        train(other, tokenizer, TeacherCache(tmp_path / "cache"), tmp_path / "run3", config())
+
+
+def test_cli_mixes_a_replay_cache_where_the_student_reads_the_document(tmp_path):
+    from pdengine.prefill import prefill
+
+    model, tokenizer = model_dir(tmp_path / "model")
+    prefill(model, tokenizer, DOCUMENTS, QA[:2], tmp_path / "cache", k=K, temperature=TEMPERATURE, progress=False)
+    replay = prefill(model, tokenizer, DOCUMENTS, QA[2:], tmp_path / "replay", k=K, temperature=TEMPERATURE,
+                     progress=False, student_sees_document=True)
+    assert len(replay[0]["student_input_ids"]) > len(replay[0]["teacher_input_ids"]) - 1  # document included
+    argv = ["--model", str(tmp_path / "model"), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+            "--lora-r", "4", "--lora-alpha", "8", "--batch-tokens", "32", "--no-progress", "--device", "cpu",
+            "--epochs", "2", "--replay-cache", str(tmp_path / "replay"), "--replay-fraction", "0.3"]
+    assert cli(argv) == 0
+    rows = metrics(tmp_path / "run")
+    main_tokens = sum(len(TeacherCache(tmp_path / "cache")[i]["student_input_ids"]) for i in range(2))
+    assert len(rows) == 2  # one main batch per epoch ...
+    assert all(r["tokens"] > main_tokens * r["step"] for r in rows)  # ... plus replay tokens every step
