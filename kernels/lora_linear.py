@@ -244,6 +244,8 @@ def _extended_k(a1, b1, a2, b2, c, bias=None, *, drop_out=False, dropout_args=(0
     M, K1 = a1.shape
     N, K2 = b1.shape[1], a2.shape[1]
     block_m, block_n, block_k, warps, stages = _tiles(a1)
+    if drop_out and a1.is_cuda:  # a second fp32 accumulator: halve the tile to avoid spills
+        block_n //= 2
     block_r = _pow2_clamp(K2, 16, block_k)
     seed_mix, threshold, inv_keep = dropout_args
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
