@@ -217,14 +217,14 @@ double topk_kl_row(const double* z_ids, const double* lp, int64_t k, double lse,
   for (int64_t j = 0; j < k; ++j) {
     const double p = std::exp(lp[j]);
     const double log_q = z_ids[j] - lse;
-    if (p > 0) kl += p * (lp[j] - log_q);
+    if (p != 0) kl += p * (lp[j] - log_q);  // 0 log 0 = 0; a NaN still propagates
     p_sum += p;
     q_sum += std::exp(log_q);
   }
-  const double teacher_tail = std::max(1.0 - p_sum, 0.0);
+  const double teacher_tail = p_sum > 1.0 ? 0.0 : 1.0 - p_sum;  // clamp, NaN propagates
   const double student_tail_raw = 1.0 - q_sum;
   const double student_tail = std::max(student_tail_raw, kTailMassEps);
-  if (teacher_tail > 0) kl += teacher_tail * (std::log(teacher_tail) - std::log(student_tail));
+  if (teacher_tail != 0) kl += teacher_tail * (std::log(teacher_tail) - std::log(student_tail));
   const double ratio = student_tail_raw >= kTailMassEps ? teacher_tail / student_tail_raw : 0.0;
   *dense = p_sum - ratio * q_sum;
   if (corr) {
@@ -410,11 +410,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_topk_kl_backward_cpu(
       backward_chunk<scalar_t>(in, coef, lse_c, c0, std::min(kChunkRows, in.n - c0), grads);
     }
   });
-  const Tensor empty = hidden.new_empty({0});
+  // distinct empty tensors: outputs of an op must not alias each other
   return {grads.h.to(hidden.scalar_type()),
           needs_weight_grad ? grads.w.to(weight.scalar_type()) : weight.new_empty({0}),
-          in.has_lora() ? grads.a.to(lora_a->scalar_type()) : empty,
-          in.has_lora() ? grads.b.to(lora_b->scalar_type()) : empty};
+          in.has_lora() ? grads.a.to(lora_a->scalar_type()) : hidden.new_empty({0}),
+          in.has_lora() ? grads.b.to(lora_b->scalar_type()) : hidden.new_empty({0})};
 }
 
 }  // namespace pdengine
