@@ -159,6 +159,7 @@ def question_writing_validity(model, tokenizer, world: W.World, n: int = 60, see
 
 
 def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, writing_per_step: int = 16,
+             qa_per_document: int = 3,
              lr: float = 1e-3, gate: float = 0.95, threads: int = 2, log_every: int = 100, eval_limit: int | None = None,
              log=print) -> dict:
     """Pretrain from scratch and save the HF directory; returns the metrics (also in pretrain.json).
@@ -166,6 +167,8 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
     Raises RuntimeError when the gate (open-book reading accuracy on new people) is not met;
     the model is still saved for inspection.
     """
+    if not 1 <= qa_per_document <= len(W.ATTRIBUTES):
+        raise ValueError(f"qa_per_document must be in 1..{len(W.ATTRIBUTES)}, got {qa_per_document}")
     if steps < 1 or batch_docs < 1:
         raise ValueError(f"steps and batch_docs must be >= 1, got {steps}, {batch_docs}")
     torch.set_num_threads(threads)
@@ -180,7 +183,7 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
     model.train()
     for step in range(steps):
         people = rng.sample(world.pretrain_entities, batch_docs + writing_per_step)
-        examples = [reading_example(enc, e, rng) for e in people[:batch_docs]]
+        examples = [reading_example(enc, e, rng, qa_per_document) for e in people[:batch_docs]]
         examples += [writing_example(enc, e, rng) for e in people[batch_docs:]]
         loss = model(**collate(examples, tokenizer.pad_token_id)).loss
         opt.zero_grad(set_to_none=True)
@@ -196,6 +199,7 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
     train_s = time.perf_counter() - t0
     metrics = {
         "seed": seed, "steps": steps, "batch_docs": batch_docs, "writing_per_step": writing_per_step,
+        "qa_per_document": qa_per_document,
         "lr": lr, "threads": threads, "train_seconds": round(train_s, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "gate_reading_accuracy": reading_accuracy(model, tokenizer, world, limit=eval_limit),
@@ -226,13 +230,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-docs", type=int, default=64)
+    p.add_argument("--qa-per-document", type=int, default=3)
+    p.add_argument("--writing-per-step", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gate", type=float, default=0.95)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
     try:
         pretrain(args.out, seed=args.seed, steps=args.steps, batch_docs=args.batch_docs, lr=args.lr,
-                 gate=args.gate, threads=args.threads)
+                 qa_per_document=args.qa_per_document, writing_per_step=args.writing_per_step,
+                 gate=args.gate, threads=args.threads, log_every=args.log_every)
     except RuntimeError as e:
         print(f"error: {e}")
         return 1
