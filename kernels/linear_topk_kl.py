@@ -272,8 +272,8 @@ def _sparse_bwd_kernel(
     logq = _capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse
     _kl, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
     g = tl.load(grad_ptr + row).to(tl.float32) * inv_tau  # dL/du = dL/dz / tau
-    # The label is one more sparse entry, in slot BLOCK_K of a (BLOCK_K + 1)-wide view;
-    # kept as a separate vector instead so every tile stays a power of two.
+    # The CE label is one more sparse entry: slot 0 of a second BLOCK_K-wide vector
+    # (masked elsewhere), so every tile stays a power of two.
     y_val = tl.zeros((BLOCK_K,), dtype=tl.float32)
     y_ids = tl.zeros((BLOCK_K,), dtype=ids.dtype)
     y_mask = ks < 0
