@@ -164,6 +164,20 @@ def test_lm_head_lora_reproduces_the_logits(family):
     torch.testing.assert_close(u, logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_generate_uses_the_adapters():
+    """Generation (KV cache, lm_head called as a module) == greedy steps of full forwards."""
+    model = randomize_lora(pdengine.add_lora(tiny_model("phi3"), r=4, alpha=8,
+                                             target_modules=TARGETS["phi3"], lm_head=True))
+    ids = input_ids()[:1, :5]
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    steps = ids
+    for _ in range(5):
+        steps = torch.cat([steps, logits(model, steps)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, steps)
+    with pdengine.disable_adapters(model):
+        assert not torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), steps)
+
+
 def test_lm_head_lora_without_head_adapter():
     model = pdengine.add_lora(tiny_model("llama"), r=4, alpha=8)
     weight, lora_a, lora_b, scale = pdengine.lm_head_lora(model)
