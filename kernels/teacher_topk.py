@@ -149,18 +149,20 @@ def _decode_keys(keys: torch.Tensor):
     return values, ids
 
 
-def _block_config(k_pad: int, device_type: str):
+def _block_config(k_pad: int, dtype: torch.dtype, device_type: str):
     """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps): one fixed config per device kind.
 
-    GPU (not tuned on hardware yet): the running top-K [BLOCK_N, K] and the tile's keys
-    [BLOCK_N, BLOCK_V] are int64 in registers, so BLOCK_N shrinks as K grows; consecutive
-    programs share a vocabulary chunk, so its lm_head rows are re-read from L2, not HBM.
+    GPU: the running top-K [BLOCK_N, K] and the tile's keys [BLOCK_N, BLOCK_V] are int64
+    in registers, so BLOCK_N shrinks as K grows. These configs compile for sm_90 without
+    register spills (ptxas resource usage; see tests), but are not timed on hardware yet.
+    Consecutive programs share a vocabulary chunk, so its lm_head rows come from L2.
     CPU interpreter: small blocks keep the interpreted numpy arrays cheap.
     """
     if device_type != "cuda":
         return 16, 128, 64, 4
-    block_n = 64 if k_pad <= 64 else (32 if k_pad <= 128 else 16)
-    return block_n, 128, 64, 8
+    block_n = 32 if k_pad <= 128 else 16
+    block_d = 64 if dtype in (torch.float16, torch.bfloat16) else 32  # fp32 tiles: twice the bytes
+    return block_n, 128, block_d, 8
 
 
 def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, softcap: float):
@@ -187,7 +189,7 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature
         return ids_out, logprobs_out
 
     k_pad = triton.next_power_of_2(k)
-    block_n, block_v, block_d, num_warps = _block_config(k_pad, hidden.device.type)
+    block_n, block_v, block_d, num_warps = _block_config(k_pad, hidden.dtype, hidden.device.type)
     n_tiles = triton.cdiv(vocab, block_v)
     tiles_per_chunk = triton.cdiv(n_tiles, triton.cdiv(vocab, _CHUNK_V))
     n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)  # every chunk has >= 1 valid id
