@@ -15,6 +15,7 @@ Usage: python bench/prefill.py [--reps 3] [--qa 30] [--doc-tokens 512]
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from common import environment, print_table, save_results, time_fn
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import pdengine
 from pdengine import cache as cache_format
 from pdengine.prefill import build_examples, count_tokens, prefill
 
@@ -60,27 +62,41 @@ def small_llama():
 
 
 def bench_modes(model, tok, documents, qa, reps: int) -> list[dict]:
+    """Both modes, their repetitions interleaved so that both see the same machine load."""
     examples = build_examples(tok, documents, qa)
-    rows = []
+    modes = {"shared_prefix": True, "per_qa_forward": False}
+    times = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, share in (("shared_prefix", True), ("per_qa_forward", False)):
-            out = Path(tmp) / mode
-
-            def run():
-                return prefill(model, tok, documents, qa, out, k=64, temperature=2.0, batch_tokens=4096,
-                               resume=False, progress=False, share_prefix=share)
-
-            timing = time_fn(run, warmup=1, reps=reps)
-            counts = run().manifest["counts"]
-            rows.append({"mode": mode, "qa_pairs": len(qa), "tokens_processed": count_tokens(examples, 4096, share),
-                         **timing, "qa_per_s": len(qa) / (timing["median_ms"] / 1e3),
-                         "cache_bytes_per_answer_token": counts["bytes_per_answer_token"],
-                         "answer_tokens": counts["answer_tokens"]})
+        runs = {mode: _prefill_run(model, tok, documents, qa, Path(tmp) / mode, share)
+                for mode, share in modes.items()}
+        for mode in modes:
+            time_fn(runs[mode], warmup=0, reps=1)  # warm-up
+        for _ in range(reps):
+            for mode in modes:
+                times[mode].append(time_fn(runs[mode], warmup=0, reps=1)["median_ms"])
+        counts = {mode: runs[mode]().manifest["counts"] for mode in modes}
+    rows = []
+    for mode, share in modes.items():
+        ts = sorted(times[mode])
+        median = statistics.median(ts)
+        rows.append({"mode": mode, "qa_pairs": len(qa), "tokens_processed": count_tokens(examples, 4096, share),
+                     "median_ms": median, "min_ms": ts[0], "max_ms": ts[-1], "reps": reps,
+                     "qa_per_s": len(qa) / (median / 1e3),
+                     "cache_bytes_per_answer_token": counts[mode]["bytes_per_answer_token"],
+                     "answer_tokens": counts[mode]["answer_tokens"]})
     shared, unshared = rows
     for row in rows:
         row["token_ratio_vs_per_qa"] = unshared["tokens_processed"] / row["tokens_processed"]
         row["speedup_vs_per_qa"] = unshared["median_ms"] / row["median_ms"]
     return rows
+
+
+def _prefill_run(model, tok, documents, qa, out, share_prefix):
+    def run():
+        return prefill(model, tok, documents, qa, out, k=64, temperature=2.0, batch_tokens=4096, resume=False,
+                       progress=False, share_prefix=share_prefix)
+
+    return run
 
 
 def bench_encoding_error(k: int = 64, vocab: int = VOCAB, tokens: int = 512) -> list[dict]:
@@ -108,14 +124,14 @@ def main() -> None:
     parser.add_argument("--qa", type=int, default=30)
     parser.add_argument("--doc-tokens", type=int, default=512)
     args = parser.parse_args()
-    print(environment())
+    print(environment(), pdengine.backend_info())
     tok, model = word_tokenizer(VOCAB), small_llama()
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)
     documents, qa = workload(args.doc_tokens, args.qa)
     start = time.perf_counter()
     rows = bench_modes(model, tok, documents, qa, args.reps)
-    print_table(rows, ["mode", "tokens_processed", "median_ms", "p20_ms", "p80_ms", "qa_per_s",
+    print_table(rows, ["mode", "tokens_processed", "median_ms", "min_ms", "max_ms", "qa_per_s",
                        "token_ratio_vs_per_qa", "speedup_vs_per_qa", "cache_bytes_per_answer_token"])
     enc = bench_encoding_error()
     print_table(enc, ["logit_std", "top1_prob", "topk_mass", "max_abs_logprob_err", "kl_renorm_mean",
