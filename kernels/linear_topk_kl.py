@@ -22,7 +22,8 @@ backward (G = dL/du = dense part c_n q_v scaled per row + sparse part at the ids
                      the alternative (one kernel per output, each recomputing the
                      logits) costs 2 N d V more FLOPs.
 
-LoRA: the launchers compute hA = s * h A^T [N, r] and, in the backward, finish
+LoRA: the launchers compute hA = s * h A^T [N, r] (fp32 GEMM, stored in the input dtype
+like any activation) and, in the backward, finish
 dh += s (G B) A and dA = s (G B)^T h with small torch matmuls (O(N r d), no [N, V]).
 
 The launchers take the schema's positional arguments (pdengine/ops/_library.py); argument
@@ -93,14 +94,18 @@ def _logit_tile(
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(w), acc)
-    if HAS_LORA:
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < R
-        ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
-                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
-                    mask=col_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(ha, tl.trans(b), acc, input_precision="ieee")
+    if HAS_LORA:  # rank chunks: r can be 1024 (the paper's lm_head LoRA)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rs < R
+            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
+                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+            b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
+                        mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(ha, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(ha, tl.trans(b), acc)
     return acc
 
 
@@ -122,12 +127,13 @@ def _sparse_logits(
                     mask=id_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * h[None, :], axis=1)
     if HAS_LORA:
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < R
-        ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0)
-        b = tl.load(b_ptr + ids64[:, None] * stride_b + rs[None, :],
-                    mask=id_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(b * ha[None, :], axis=1)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rs < R
+            ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + ids64[:, None] * stride_b + rs[None, :],
+                        mask=id_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(b * ha[None, :], axis=1)
     return acc
 
 
@@ -328,19 +334,20 @@ def _scatter_sparse(
             tl.atomic_add(dw_ptr + y_ids[:, None] * D + ds[None, :], y_val[:, None] * h[None, :],
                           mask=y_mask[:, None] & d_mask[None, :])
     if HAS_LORA:
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < R
-        bk = tl.load(b_ptr + ids[:, None] * stride_b + rs[None, :],
-                     mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        by = tl.load(b_ptr + y_ids[:, None] * stride_b + rs[None, :],
-                     mask=y_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        gb = tl.sum(k_val[:, None] * bk, axis=0) + tl.sum(y_val[:, None] * by, axis=0)
-        tl.store(gb_ptr + row64 * R + rs, gb, mask=r_mask)
-        ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0)
-        tl.atomic_add(db_ptr + ids[:, None] * R + rs[None, :], k_val[:, None] * ha[None, :],
-                      mask=k_mask[:, None] & r_mask[None, :])
-        tl.atomic_add(db_ptr + y_ids[:, None] * R + rs[None, :], y_val[:, None] * ha[None, :],
-                      mask=y_mask[:, None] & r_mask[None, :])
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rs < R
+            bk = tl.load(b_ptr + ids[:, None] * stride_b + rs[None, :],
+                         mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+            by = tl.load(b_ptr + y_ids[:, None] * stride_b + rs[None, :],
+                         mask=y_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+            gb = tl.sum(k_val[:, None] * bk, axis=0) + tl.sum(y_val[:, None] * by, axis=0)
+            tl.store(gb_ptr + row64 * R + rs, gb, mask=r_mask)
+            ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0).to(tl.float32)
+            tl.atomic_add(db_ptr + ids[:, None] * R + rs[None, :], k_val[:, None] * ha[None, :],
+                          mask=k_mask[:, None] & r_mask[None, :])
+            tl.atomic_add(db_ptr + y_ids[:, None] * R + rs[None, :], y_val[:, None] * ha[None, :],
+                          mask=y_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -389,18 +396,23 @@ def _dense_bwd_kernel(
             tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
                           mask=col_mask[:, None] & d_mask[None, :])
     if HAS_LORA:
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < R
-        b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
-                    mask=col_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        gb = tl.dot(g, b, input_precision="ieee")
-        tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
-                      mask=row_mask[:, None] & r_mask[None, :])
-        ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
-                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        db = tl.dot(tl.trans(g), ha, input_precision="ieee")
-        tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
-                      mask=col_mask[:, None] & r_mask[None, :])
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rs < R
+            b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
+                        mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
+                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+            if IEEE:
+                gb = tl.dot(g_in, b, input_precision="ieee")
+                db = tl.dot(g_in_t, ha, input_precision="ieee")
+            else:
+                gb = tl.dot(g_in, b)
+                db = tl.dot(g_in_t, ha)
+            tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
+                          mask=row_mask[:, None] & r_mask[None, :])
+            tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
+                          mask=col_mask[:, None] & r_mask[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -417,7 +429,8 @@ def _prepare(hidden, weight, lora_a, lora_b, lora_scale):
     w = weight.to(compute).contiguous()
     if lora_a is None:
         return h, w, None, None
-    ha = (lora_scale * (h.float() @ lora_a.float().T)).contiguous()
+    # hA in the compute dtype: the LoRA term then rides the same tensor-core dots as h W^T
+    ha = (lora_scale * (h.float() @ lora_a.float().T)).to(compute).contiguous()
     return h, w, ha, lora_b.to(compute).contiguous()
 
 
@@ -428,7 +441,7 @@ def _common(h, w, ha, b, teacher_ids, temperature, softcap):
     flags = dict(
         HAS_LORA=ha is not None,
         SOFTCAP=softcap > 0,
-        BLOCK_R=_pow2(r),
+        BLOCK_R=min(_pow2(r), 64),
     )
     dummy = h  # never read when the matching flag is off
     strides = (h.stride(0), w.stride(0), 0 if ha is None else ha.stride(0), 0 if b is None else b.stride(0))

@@ -16,20 +16,21 @@ from conftest import backend_device, backend_op
 
 N, D, V = 37, 123, 1000
 
-# name -> (k, mode, temperature, softcap, lora, ce_weight, ignored, teacher, dtype, weight grad)
+# name -> (k, mode, temperature, softcap, LoRA rank (0: none), ce_weight, ignored, teacher,
+#          dtype, weight grad); rank 80 spans two of the kernel's rank chunks
 # teacher: "random" (flat-ish), "peaked" (near one-hot teacher), "clamp" (a very peaked
 # student whose mass lies inside a perturbed copy's top-k, so S = 1 - sum q[ids] falls
 # below TAIL_MASS_EPS while teacher and student still disagree: real gradients).
 CASES = {
-    "k1_ce_only": (1, "tail", 1.0, 0.0, False, 1.0, True, "random", torch.float32, True),
-    "k5_tail": (5, "tail", 1.0, 0.0, False, 0.0, False, "random", torch.float32, True),
-    "k5_renorm_temperature": (5, "renorm", 2.0, 0.0, False, 0.0, True, "random", torch.float32, True),
-    "k64_tail_softcap_lora": (64, "tail", 2.0, 3.0, True, 0.0, False, "random", torch.float32, True),
-    "k64_renorm_lora_ce_ignored": (64, "renorm", 1.0, 0.0, True, 0.5, True, "peaked", torch.float32, False),
-    "k5_tail_peaked_ce": (5, "tail", 0.5, 0.0, False, 0.3, True, "peaked", torch.float32, True),
-    "k64_tail_clamped_S": (64, "tail", 1.0, 0.0, False, 0.0, False, "clamp", torch.float32, True),
-    "k5_all_flags_fp16": (5, "tail", 2.0, 5.0, True, 0.5, True, "random", torch.float16, True),
-    "k5_fp64_input_no_wgrad": (5, "renorm", 1.5, 0.0, True, 0.0, False, "random", torch.float64, False),
+    "k1_ce_only": (1, "tail", 1.0, 0.0, 0, 1.0, True, "random", torch.float32, True),
+    "k5_tail": (5, "tail", 1.0, 0.0, 0, 0.0, False, "random", torch.float32, True),
+    "k5_renorm_temperature": (5, "renorm", 2.0, 0.0, 0, 0.0, True, "random", torch.float32, True),
+    "k64_tail_softcap_lora": (64, "tail", 2.0, 3.0, 80, 0.0, False, "random", torch.float32, True),
+    "k64_renorm_lora_ce_ignored": (64, "renorm", 1.0, 0.0, 4, 0.5, True, "peaked", torch.float32, False),
+    "k5_tail_peaked_ce": (5, "tail", 0.5, 0.0, 0, 0.3, True, "peaked", torch.float32, True),
+    "k64_tail_clamped_S": (64, "tail", 1.0, 0.0, 0, 0.0, False, "clamp", torch.float32, True),
+    "k5_all_flags_fp16": (5, "tail", 2.0, 5.0, 4, 0.5, True, "random", torch.float16, True),
+    "k5_fp64_input_no_wgrad": (5, "renorm", 1.5, 0.0, 4, 0.0, False, "random", torch.float64, False),
 }
 # max |error| <= TOL * max |reference| (+ a tiny floor for all-zero references)
 TOL = {torch.float32: 2e-5, torch.float64: 2e-5, torch.float16: 2e-2}
@@ -53,8 +54,8 @@ def _make_inputs(k, temperature, softcap, lora, ignored, teacher, dtype, device,
     h_scale = 100.0 if teacher == "clamp" else 1.0  # "clamp" needs a very peaked student
     hidden = torch.randn(n, d, generator=g, dtype=f64) * h_scale
     weight = torch.randn(v, d, generator=g, dtype=f64) / math.sqrt(d)
-    lora_a = torch.randn(4, d, generator=g, dtype=f64) / math.sqrt(d) if lora else None
-    lora_b = torch.randn(v, 4, generator=g, dtype=f64) * 0.5 if lora else None
+    lora_a = torch.randn(lora, d, generator=g, dtype=f64) / math.sqrt(d) if lora else None
+    lora_b = torch.randn(v, lora, generator=g, dtype=f64) * (2 / math.sqrt(lora)) if lora else None
     logits = reference.student_logits(hidden, weight, lora_a, lora_b, 0.5, softcap or None)
     ids, lp = _teacher(logits, k, temperature, teacher, g)
     labels = torch.randint(0, v, (n,), generator=g)
@@ -135,7 +136,7 @@ def test_kernel_matches_reference(backend, case):
 
 def test_clamped_case_really_clamps():
     """The "clamp" case must drive S below TAIL_MASS_EPS, else it tests nothing special."""
-    x = _make_inputs(64, 1.0, 0.0, False, False, "clamp", torch.float64, "cpu")
+    x = _make_inputs(64, 1.0, 0.0, 0, False, "clamp", torch.float64, "cpu")
     u = reference.student_logits(x["hidden"], x["weight"])
     q_ids = torch.softmax(u, dim=-1).gather(1, x["ids"])
     assert float((1 - q_ids.sum(-1)).max()) < reference.TAIL_MASS_EPS
@@ -150,7 +151,7 @@ def test_kernel_eps_matches_reference():
 def test_kernel_all_ignored_gives_zero(backend):
     device = backend_device(backend)
     fwd, bwd = backend_op(backend, "linear_topk_kl"), backend_op(backend, "linear_topk_kl_backward")
-    x = _make_inputs(5, 1.0, 0.0, True, False, "random", torch.float32, device, n=9, d=20, v=300)
+    x = _make_inputs(5, 1.0, 0.0, 4, False, "random", torch.float32, device, n=9, d=20, v=300)
     labels = torch.full((9,), -100, device=device)
     args = (x["hidden"], x["weight"], x["lora_a"], x["lora_b"], x["ids"], x["lp"], labels, 0.5,
             1.0, 0.0, True, 0.5, -100)
