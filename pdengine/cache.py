@@ -277,8 +277,9 @@ def check_compatible(manifest: dict, source: str, *, model=None, tokenizer=None,
     if tokenizer is not None:
         fp = tokenizer_fingerprint(tokenizer)
         if fp["fingerprint"] != manifest["tokenizer"]["fingerprint"]:
-            problems.append(f"tokenizer: cache fingerprint {manifest['tokenizer']['fingerprint']} "
-                            f"({manifest['tokenizer']['size']} tokens), given {fp['fingerprint']} ({fp['size']} tokens)")
+            cached = manifest["tokenizer"]
+            problems.append(f"tokenizer: cache fingerprint {cached['fingerprint']} ({cached['size']} tokens), "
+                            f"given {fp['fingerprint']} ({fp['size']} tokens)")
     if temperature is not None and float(temperature) != manifest["temperature"]:
         problems.append(f"temperature: cache {manifest['temperature']}, given {float(temperature)}")
     if problems:

@@ -55,7 +55,8 @@ def test_logprob_encoding_error_is_small(scale):
 
 def test_bytes_per_answer_token_at_k64():
     bits = cache_format.id_bits(32000)
-    rows = cache_format.encode_topk(torch.randint(0, 32000, (10, 64)), -torch.rand(10, 64).sort(-1).values.flip(-1), bits)
+    logprobs = -torch.rand(10, 64).sort(-1).values  # descending
+    rows = cache_format.encode_topk(torch.randint(0, 32000, (10, 64)), logprobs, bits)
     per_token = sum(t[0].numel() * t.element_size() for t in rows.values())
     assert per_token == 120 + 4 + 4 + 64 <= 200
 
