@@ -16,6 +16,8 @@ setup_env() {
   if [ ! -x "$PY" ]; then
     say "creating virtual environment $VENV"
     python3 -m venv "$VENV"
+    # an old pip turns `install -e` into `setup.py develop` with an isolated build (no torch)
+    "$PY" -m pip install -q --upgrade pip
   fi
   if ! "$PY" -c "import torch" 2>/dev/null; then
     say "installing torch==2.13.0"
