@@ -83,6 +83,33 @@ def test_matches_reference(backend, case):
     _assert_is_topk(ids, logprobs, ref_logq, k, _tolerance(ref_logq, dtype))
 
 
+@pytest.mark.parametrize("chunk_v", [384])
+def test_many_vocabulary_chunks(backend, monkeypatch, chunk_v):
+    """Small vocabulary chunks: top-k candidates and lse partials merged across chunks
+    (the last chunk partial); k=64 is larger than a chunk's share of the winners."""
+    from pdengine.kernels import teacher_topk as kernel_module
+
+    monkeypatch.setattr(kernel_module, "_CHUNK_V", chunk_v)
+    hidden, weight = _inputs(23, 40, 1000, 3.0, torch.float32, backend_device(backend), seed=4)
+    ids, logprobs = backend_op(backend, "teacher_topk")(hidden, weight, 64, 1.5, 0.0)
+    ref_logq = _reference_logprobs(hidden, weight, 1.5, 0.0)
+    _assert_is_topk(ids, logprobs, ref_logq, 64, _tolerance(ref_logq, torch.float32))
+
+
+def test_large_vocabulary(backend):
+    """V above the default chunk size (4096): several chunks with the shipped setting."""
+    hidden, weight = _inputs(4, 16, 9000, 4.0, torch.float32, backend_device(backend), seed=6)
+    ids, logprobs = backend_op(backend, "teacher_topk")(hidden, weight, 5, 1.0, 0.0)
+    ref_logq = _reference_logprobs(hidden, weight, 1.0, 0.0)
+    _assert_is_topk(ids, logprobs, ref_logq, 5, _tolerance(ref_logq, torch.float32))
+
+
+def test_no_tokens(backend):
+    device = backend_device(backend)
+    ids, logprobs = backend_op(backend, "teacher_topk")(torch.randn(0, 8, device=device), torch.randn(30, 8, device=device), 4, 1.0, 0.0)
+    assert ids.shape == (0, 4) and logprobs.shape == (0, 4)
+
+
 def test_uniform_distribution(backend):
     """All logits equal: every log-prob is -log V and any k distinct ids are right."""
     device = backend_device(backend)
