@@ -154,6 +154,15 @@ def test_public_function_restores_leading_dims():
     assert not logprobs.requires_grad
 
 
+def test_public_function_accepts_numpy_scalars():
+    import numpy as np
+
+    hidden, weight = _inputs(3, 8, 40, 1.0, torch.float32, "cpu", seed=7)
+    ids, logprobs = pdengine.teacher_topk(hidden, weight, np.int64(4), temperature=np.float32(2.0), softcap=np.float64(3.0))
+    ref_ids, ref_lp = reference.teacher_topk(hidden.double(), weight.double(), 4, 2.0, 3.0)
+    torch.testing.assert_close(logprobs.double(), ref_lp, atol=2e-5, rtol=0)
+
+
 def test_public_function_no_grad_flows():
     hidden = torch.randn(3, 8, requires_grad=True)
     weight = torch.randn(20, 8, requires_grad=True)
@@ -170,6 +179,9 @@ def test_public_function_no_grad_flows():
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
         ({"softcap": -1.0}, "softcap"),
+        ({"softcap": float("nan")}, "softcap"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "2"}, "temperature"),
         ({"weight": torch.randn(100, 7)}, "weight's hidden size"),
         ({"weight": torch.randn(100, 8, dtype=torch.float64)}, "weight dtype"),
         ({"weight": torch.randn(100)}, "weight must have shape"),

@@ -15,6 +15,8 @@ require grad. Calling it on tensors that require grad is fine (nothing flows bac
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from pdengine import reference
@@ -45,13 +47,13 @@ def _check_args(hidden, weight, k, temperature, softcap):
         raise ValueError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise ValueError(f"k must be an int, got {k!r}")
     if not 0 < k <= weight.shape[0]:
         raise ValueError(f"k must be in [1, V={weight.shape[0]}], got {k}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
+    if not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or softcap < 0):
+    if softcap is not None and (not isinstance(softcap, numbers.Real) or not softcap >= 0):
         raise ValueError(f"softcap must be None, 0 (off) or a positive number, got {softcap!r}")
 
 
@@ -77,7 +79,7 @@ def teacher_topk(hidden, weight, k, temperature=1.0, softcap=None):
     lead_shape = hidden.shape[:-1]
     flat_hidden = hidden.detach().reshape(-1, hidden.shape[-1])
     ids, logprobs = torch.ops.pdengine.teacher_topk(
-        flat_hidden, weight.detach(), k, float(temperature), float(softcap or 0.0)
+        flat_hidden, weight.detach(), int(k), float(temperature), float(softcap or 0.0)
     )
     return ids.reshape(*lead_shape, k), logprobs.reshape(*lead_shape, k)
 
