@@ -6,7 +6,9 @@ Forward  `y = x W^T (+ bias) + s (dropout(x) A^T) B^T`:
 Backward (W frozen):
   dyB_s = s * dy B [N, r];  dx = [dy, dyB_s] @ [W; A]  (the LoRA half of the sum masked by
   the dropout keep-mask, so it is a second accumulator when dropout is on);
-  dA = dyB_s^T dropout(x);  dB = s * dy^T xa  (xa recomputed, never saved).
+  dA = dyB_s^T dropout(x);  dB = s * dy^T xa  (xa recomputed, never saved). dA and dB
+  reduce over all N tokens into few tiles, so on a GPU they split K across programs and
+  add atomically into fp32 buffers (`_split_k`).
 
 Dropout: the keep-mask is a hash of (seed, flat index of x) computed inside the kernels
 that read x (`_keep`, bit-exact with `pdengine.reference.dropout_keep_mask`); dropped
