@@ -21,6 +21,8 @@ beat the current K-th best (see `_insert_tile`); torch.topk in stage 2 sorts.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -183,6 +185,10 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature
         raise ValueError(f"temperature must be positive, got {temperature}")
     if vocab >= 2**31:
         raise ValueError(f"vocabulary size {vocab} does not fit the 32-bit id field of the keys")
+    if hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # the interpreter's bf16 tl.dot returns garbage; bf16 values are exact in fp32 and the
+        # kernel accumulates in fp32 anyway, so upcasting computes the same thing
+        hidden, weight = hidden.float(), weight.float()
     ids_out = torch.empty((n, k), dtype=torch.int64, device=hidden.device)
     logprobs_out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
     if n == 0:

@@ -25,6 +25,7 @@ CASES = {
     "near_flat": (37, 123, 1000, 64, 1.0, 0.0, 1e-3, torch.float32),
     "fp16": (37, 123, 1000, 5, 2.0, 0.0, 1.0, torch.float16),
     "fp16_softcap_k64": (19, 96, 515, 64, 1.5, 5.0, 1.0, torch.float16),
+    "bf16": (37, 123, 1000, 5, 2.0, 0.0, 1.0, torch.bfloat16),
     "fp64_input": (9, 40, 300, 7, 1.0, 0.0, 1.0, torch.float64),
     "k_not_pow2_large": (5, 32, 1000, 200, 2.0, 0.0, 1.0, torch.float32),
     "tiny_vocab_k_eq_v": (3, 8, 5, 5, 1.0, 0.0, 1.0, torch.float32),
