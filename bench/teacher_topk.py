@@ -12,7 +12,9 @@ Implementations (each row: median / p20 / p80 ms, peak memory above the inputs, 
   TRITON_INTERPRET=1; checks it runs, its time says nothing about a GPU.
 
 FLOPs: 2 * N * d * V (the lm_head GEMM; the top-k and lse are O(N * V) and not counted).
-Each row also records how far `pdengine` is from `torch` (max |logprob diff|, id agreement).
+Each row also records how far it is from `torch` (max |logprob diff|, id agreement). With
+bf16 inputs the baseline rounds the logits to bf16 (as an HF lm_head does) while the kernel
+keeps them in fp32, so expect differences of the order of bf16 rounding there.
 """
 from __future__ import annotations
 
