@@ -21,6 +21,7 @@ beat the current K-th best (see `_insert_tile`); torch.topk in stage 2 sorts.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -167,6 +168,11 @@ def _block_config(k_pad: int, dtype: torch.dtype, device_type: str):
     return block_n, 128, block_d, 8
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the inputs' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, softcap: float):
     """Launcher with the op's schema: `(ids [N, k] int64, logprobs [N, k] float32)`.
 
@@ -203,13 +209,14 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature
     keys = torch.empty((n, n_chunks, k_pad), dtype=torch.int64, device=hidden.device)
     chunk_lse = torch.empty((n, n_chunks), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(n, block_n), n_chunks)
-    _chunk_topk_kernel[grid](
-        hidden, weight, keys, chunk_lse,
-        n, vocab, d, n_tiles, tiles_per_chunk, n_chunks, 1.0 / temperature, float(softcap or 1.0),
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        SOFTCAP=bool(softcap), IEEE_FP32=hidden.dtype in (torch.float32, torch.float64), K=k_pad,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _on_device(hidden.device):
+        _chunk_topk_kernel[grid](
+            hidden, weight, keys, chunk_lse,
+            n, vocab, d, n_tiles, tiles_per_chunk, n_chunks, 1.0 / temperature, float(softcap or 1.0),
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            SOFTCAP=bool(softcap), IEEE_FP32=hidden.dtype in (torch.float32, torch.float64), K=k_pad,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps,
+        )
 
     best_keys = keys.view(n, n_chunks * k_pad).topk(k, dim=1, sorted=True).values
     values, ids = _decode_keys(best_keys)
