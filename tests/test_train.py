@@ -288,3 +288,24 @@ def test_cli_mixes_a_replay_cache_where_the_student_reads_the_document(tmp_path)
     main_tokens = sum(len(TeacherCache(tmp_path / "cache")[i]["student_input_ids"]) for i in range(2))
     assert len(rows) == 2  # one main batch per epoch ...
     assert all(r["tokens"] > main_tokens * r["step"] for r in rows)  # ... plus replay tokens every step
+
+
+def test_plain_pytorch_loop_from_the_docstring(items):
+    """The loop in pdengine.train's module docstring, on a list-backed source."""
+    from pdengine.lora import add_lora
+    from pdengine.train import ExampleSource, compute_loss
+
+    model = tiny_model()
+    cfg = TrainConfig(temperature=TEMPERATURE)
+    add_lora(model, 4, 8, target_modules=list(cfg.lora_targets))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for epoch in range(3):
+        for batch in ExampleSource(items).batches(64, seed=0, epoch=epoch):
+            loss = compute_loss(model, batch, cfg)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    assert len(losses) == 3 and losses[-1] < losses[0]
