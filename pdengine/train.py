@@ -248,24 +248,22 @@ def pack_examples(items, indices=None) -> dict:
 
 
 def pack_teacher(items) -> dict:
-    """Teacher sequences of cache items packed like `pack_examples` (for online_kl)."""
-    ids, pos, seg, targets = [], [], [], []
-    offset = 0
-    for n, item in enumerate(items):
-        seq = _as_long(item["teacher_input_ids"])
+    """Teacher sequences of cache items (for online_kl) as right-padded rows `[B, L]` with
+    an attention mask: teacher sequences are long (document + question + answer), and
+    rows keep attention per sequence instead of a `[T, T]` mask over one packed row.
+    `target_positions` index the flattened `B * L` positions."""
+    seqs = [_as_long(item["teacher_input_ids"]) for item in items]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    targets = []
+    for row, (seq, item) in enumerate(zip(seqs, items)):
+        input_ids[row, : len(seq)] = seq
+        attention_mask[row, : len(seq)] = 1
         start = int(item["answer_start_teacher"])
         n_ans = int(torch.as_tensor(item["topk_ids"]).shape[0])
-        ids.append(seq)
-        pos.append(torch.arange(len(seq)))
-        seg.append(torch.full((len(seq),), n, dtype=torch.long))
-        targets.append(offset + start - 1 + torch.arange(n_ans))
-        offset += len(seq)
-    return {
-        "input_ids": torch.cat(ids)[None],
-        "position_ids": torch.cat(pos)[None],
-        "segment_ids": torch.cat(seg),
-        "target_positions": torch.cat(targets),
-    }
+        targets.append(row * width + start - 1 + torch.arange(n_ans))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_positions": torch.cat(targets)}
 
 
 def _sequence_length(item) -> int:
@@ -370,10 +368,11 @@ def _target_hidden(model, batch) -> torch.Tensor:
     """Final hidden states at the target positions, `[M, d]`; no logits are formed.
 
     Packed batches (`segment_ids` present) get the block mask that isolates sequences;
-    a batch without `segment_ids` is `[B, T]` rows of one sequence each, and
-    `target_positions` index the flattened `B * T` positions.
+    a batch without `segment_ids` is `[B, T]` rows of one sequence each (optional
+    `attention_mask` for right padding), and `target_positions` index the flattened
+    `B * T` positions.
     """
-    mask = None
+    mask = batch.get("attention_mask")
     if "segment_ids" in batch:
         mask = modeling.segment_attention_mask(batch["segment_ids"])
     hidden = modeling.hidden_states(model, batch["input_ids"], batch.get("position_ids"), mask)

@@ -309,3 +309,21 @@ def test_plain_pytorch_loop_from_the_docstring(items):
             opt.zero_grad()
             losses.append(loss.item())
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_online_kl_teacher_rows_match_one_forward_per_sequence(items):
+    from pdengine.train import _teacher_logprobs, pack_teacher
+
+    model = tiny_model()
+    got = _teacher_logprobs(model, pack_teacher(items[:3]), TEMPERATURE)
+    want = []
+    with torch.no_grad():
+        for item in items[:3]:
+            logits = model(torch.tensor([item["teacher_input_ids"]])).logits[0]
+            start, n = item["answer_start_teacher"], len(item["topk_ids"])
+            want.append(torch.log_softmax(logits[start - 1 : start - 1 + n] / TEMPERATURE, -1))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
+    # and the cached top-k (made from the same teacher) is its top-k
+    top = torch.cat([torch.as_tensor(item["topk_ids"]) for item in items[:3]])
+    torch.testing.assert_close(got.gather(1, top), torch.cat(want).gather(1, top))
+    assert torch.equal(got.topk(K, dim=-1).indices.sort(-1).values, top.sort(-1).values)
