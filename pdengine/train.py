@@ -22,7 +22,8 @@ Three losses, through the same engine so comparisons are fair:
   adapters disabled, document in its prompt) runs forward, and the full-vocabulary KL
   is taken on materialized logits. A baseline; slow and memory-hungry by design.
 
-Replay: `replay` (a second TeacherCache, or a list of examples) is mixed into every
+Replay: `replay_cache` (a second TeacherCache, e.g. a prefill with
+`student_sees_document=True`, or a list of examples) is mixed into every
 micro-batch: loss = (1 - f) * loss(main) + f * loss(replay), the replay batch holding
 about f / (1 - f) times the main batch's tokens. It keeps the student's general skill
 (say, reading a document in its prompt) while facts are injected. Plain examples are
@@ -30,9 +31,15 @@ dicts `{"input_ids": [...], "answer_start": int}`, trained with cross-entropy on
 `input_ids[answer_start:]`.
 
 Defaults follow the paper (Kujanpaa et al. 2024), except the LoRA size: the paper
-used rank 1024 / alpha 2048 on 8B models; for the small models this engine is usually
-run on we default to rank 64 / alpha 128 (the same alpha = 2 r ratio), which is
-plenty for a few hundred facts and keeps the optimizer state small.
+used rank 1024 / alpha 2048 on 8B models; we default to rank 64 / alpha 128 (the same
+alpha = 2 r ratio), a size in common use for models of about 1B parameters and below,
+with a small optimizer state; raise it for larger models or many documents. The
+paper's lr 1e-5 goes with its rank 1024; smaller ranks usually want a larger lr.
+
+Resumption: data order is a pure function of (seed, epoch), dropout is re-seeded from
+(seed, step), and checkpoints hold adapter, optimizer, scheduler, RNG states and the
+data position, so `--max-steps 4` then `--resume --max-steps 8` equals 8 steps straight.
+The learning-rate schedule spans `epochs` whatever `max_steps` says, for that reason.
 
 Using the loss from your own loop (the engine is optional)::
 
@@ -62,7 +69,7 @@ import random
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -637,7 +644,6 @@ class _Trainer:
 
     def __init__(self, model, cache, out, config, replay):
         self.model, self.cache, self.out, self.config = model, cache, out, config
-        self.replay = replay
         self.device = modeling.output_layer(model).weight.device
         self.autocast = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.params = prepare_model(model, config)
