@@ -13,7 +13,7 @@ from pdengine.demo.pretrain import Encoder, pretrain, question_writing_validity,
 from pdengine.demo.tokenizer import build_tokenizer
 
 METHODS = ("base_closed_book", "teacher_open_book", "rag_bm25", "sft", "prompt_distillation")
-STAGES = ("model", "questions", "answers", "prefill", "replay_prefill", "train_pd", "train_sft", "evaluate")
+STAGES = ("model", "gate", "questions", "answers", "prefill", "replay_prefill", "train_pd", "train_sft", "evaluate")
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +138,14 @@ def test_demo_end_to_end_fast(tmp_path):
     assert (out / "report.md").is_file() and (out / "answers.jsonl").is_file()
     # the teacher reads: open-book accuracy on the new documents is high even in the fast run
     assert report["methods"]["teacher_open_book"]["contains"] >= 0.8
+
+
+def test_pipeline_gate_refuses_a_model_that_cannot_read():
+    from pdengine.demo.model import build_tiny_model
+    from pdengine.demo.pipeline import check_gate
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=0).eval()
+    torch.set_num_threads(1)
+    with pytest.raises(RuntimeError, match="gate failed"):
+        check_gate(model, tok, W.World(0), DemoConfig(gate_sample=12))

@@ -51,6 +51,8 @@ class DemoConfig:
     rag_top_n: int = 1
     batch_size: int = 64
     threads: int = 2
+    gate: float = 0.95
+    gate_sample: int = 180
 
     @classmethod
     def fast(cls, **overrides) -> "DemoConfig":
@@ -62,7 +64,7 @@ class DemoConfig:
     def validate(self) -> None:
         for name in ("n_documents", "questions_per_document", "eval_per_fact", "k", "replay_documents",
                      "reading_check_documents", "steps", "lora_r", "batch_tokens", "rag_top_n",
-                     "batch_size", "threads"):
+                     "batch_size", "threads", "gate_sample"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 1 <= self.n_documents <= W.World.MAX_NEW:
@@ -103,6 +105,18 @@ def _load(model_dir: Path):
     from pdengine.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(model_dir, dtype=torch.float32, device="cpu")
+
+
+def check_gate(model, tokenizer, world: W.World, cfg: DemoConfig) -> float:
+    """The teacher must read: open-book accuracy on the new documents (a sample of every
+    phrasing) >= cfg.gate, else RuntimeError (injection is pointless without a teacher)."""
+    from pdengine.demo.pretrain import reading_accuracy
+
+    accuracy = reading_accuracy(model, tokenizer, world, limit=cfg.gate_sample)
+    if accuracy < cfg.gate:
+        raise RuntimeError(f"gate failed: the base model's open-book reading accuracy {accuracy:.3f} < "
+                           f"{cfg.gate}; pretrain a better model (--pretrain with another --seed)")
+    return accuracy
 
 
 def write_questions(model, tokenizer, documents, eval_questions, cfg: DemoConfig) -> tuple[list, dict]:
@@ -204,6 +218,7 @@ def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, 
     world = W.World(pretrain_info.get("seed", 0), n_new=W.World.MAX_NEW)
     documents = world.new_documents[: cfg.n_documents]
     eval_questions = world.eval_questions(per_fact=cfg.eval_per_fact, seed=cfg.seed, n_documents=cfg.n_documents)
+    gate_accuracy = stages.run("gate", check_gate, model, tokenizer, world, cfg)
     write_jsonl(out / "documents.jsonl", documents)
     write_jsonl(out / "eval_questions.jsonl", eval_questions)
 
@@ -239,6 +254,7 @@ def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, 
         "targets": _targets(methods),
         "questions": {**question_stats, "kept": len(questions), "qa_pairs": len(qa_pairs)},
         "replay_teacher_accuracy": replay_teacher_acc,
+        "gate": {"threshold": cfg.gate, "open_book_reading_accuracy": gate_accuracy},
         "training": {"pd": _brief(pd_summary), "sft": _brief(sft_summary)},
         "pretrain": pretrain_info,
         "config": dataclasses.asdict(cfg),
