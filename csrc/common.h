@@ -90,20 +90,22 @@ std::vector<Partial> parallel_over_tiles(int64_t n_tiles, MakePartial make_parti
   return partials;
 }
 
-// u = h W[v0:v0+cols]^T (+ sha B[v0:v0+cols]^T, with sha = s h A^T) into out [rows, cols].
+// out = alpha * (h W[v0:v0+cols]^T + sha B[v0:v0+cols]^T), sha = s h A^T (LoRA; may be
+// undefined). The scalar rides on the GEMM (alpha, beta = 0), so it costs no extra pass.
 inline void tile_logits(Tensor& out, const Tensor& h, const Tensor& w, const Tensor& sha,
-                        const Tensor& b, int64_t v0, int64_t cols) {
-  at::mm_out(out, h, w.narrow(0, v0, cols).t());
-  if (sha.defined()) out.addmm_(sha, b.narrow(0, v0, cols).t());
+                        const Tensor& b, int64_t v0, int64_t cols, double alpha) {
+  at::addmm_out(out, out, h, w.narrow(0, v0, cols).t(), 0.0, alpha);
+  if (sha.defined()) out.addmm_(sha, b.narrow(0, v0, cols).t(), 1.0, alpha);
 }
 
-// u -> z = softcap(u) / tau in place (softcap == 0: none).
-inline void scale_logits(Tensor& u, double softcap, double temperature) {
-  if (softcap > 0) {
-    u.mul_(1.0 / softcap).tanh_().mul_(softcap / temperature);
-  } else {
-    u.mul_(1.0 / temperature);
-  }
+// GEMM alpha for tile_logits: 1/tau gives z directly; with a soft-cap c, 1/c gives u/c.
+inline double logits_alpha(double softcap, double temperature) {
+  return softcap > 0 ? 1.0 / softcap : 1.0 / temperature;
+}
+
+// z = softcap(u) / tau of a tile made by tile_logits with logits_alpha: in place.
+inline void finish_scaled_logits(Tensor& z, double softcap, double temperature) {
+  if (softcap > 0) z.tanh_().mul_(softcap / temperature);
 }
 
 // The same transform for one logit, in double (per-row bookkeeping).

@@ -179,8 +179,8 @@ Tensor full_lse(const LossInputs& in) {
           const int64_t cols = std::min(kTileVocab, in.vocab - v0);
           Tensor z = scratch_view(p.logits, rows, cols);
           Tensor scratch = scratch_view(p.scratch, rows, cols);
-          tile_logits(z, h, in.w, sha, in.b, v0, cols);
-          scale_logits(z, in.softcap, in.temperature);
+          tile_logits(z, h, in.w, sha, in.b, v0, cols, logits_alpha(in.softcap, in.temperature));
+          finish_scaled_logits(z, in.softcap, in.temperature);
           p.lse.template fold<scalar_t>(z, scratch);
         });
     std::vector<const OnlineLse*> parts;
@@ -316,14 +316,14 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
         const int64_t cols = std::min(kTileVocab, in.vocab - v0);
         Tensor u = scratch_view(p.logits, rows, cols);
         Tensor g = scratch_view(p.g, rows, cols);
-        tile_logits(u, h, in.w, sha, in.b, v0, cols);
+        tile_logits(u, h, in.w, sha, in.b, v0, cols, logits_alpha(in.softcap, in.temperature));
         if (in.softcap > 0) {
-          u.mul_(1.0 / in.softcap).tanh_();  // t = tanh(u / c); z = c t / tau
-          at::mul_out(g, u, in.softcap / in.temperature);
+          u.tanh_();  // t = tanh(u / c); z = c t / tau
+          at::mul_out(g, u, in.softcap / in.temperature).sub_(lse_c);
         } else {
-          at::mul_out(g, u, 1.0 / in.temperature);
+          at::sub_out(g, u, lse_c);  // u already is z
         }
-        g.sub_(lse_c).exp_().mul_(dense_c);  // dense part: coefficient * q
+        g.exp_().mul_(dense_c);  // dense part: coefficient * q
         add_sparse_corrections<scalar_t>(in, coef, g.data_ptr<scalar_t>(), c0, rows, v0, cols);
         if (in.softcap > 0) g.mul_(u.mul_(u).neg_().add_(1.0));  // d softcap / du = 1 - t^2
         p.dh.addmm_(g, in.w.narrow(0, v0, cols));

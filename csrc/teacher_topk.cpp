@@ -90,8 +90,8 @@ std::tuple<Tensor, Tensor> teacher_topk_cpu(const Tensor& hidden, const Tensor& 
             const int64_t cols = std::min(kTileVocab, vocab - v0);
             Tensor z = scratch_view(p.logits, rows, cols);
             Tensor scratch = scratch_view(p.scratch, rows, cols);
-            tile_logits(z, h, w, Tensor(), Tensor(), v0, cols);
-            scale_logits(z, softcap, temperature);
+            tile_logits(z, h, w, Tensor(), Tensor(), v0, cols, logits_alpha(softcap, temperature));
+            finish_scaled_logits(z, softcap, temperature);
             p.lse.template fold<scalar_t>(z, scratch);
             offer_tile<scalar_t>(p, z, v0, k);
           });
