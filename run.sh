@@ -45,6 +45,6 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   demo) setup_env; exec "$PY" -m pdengine demo "$@" ;;
-  test) setup_env; exec "$PY" -m pytest -q tests "$@" ;;
+  test) setup_env; [ $# -gt 0 ] || set -- tests; exec "$PY" -m pytest -q "$@" ;;
   *) echo "usage: ./run.sh demo [--out DIR] | ./run.sh test [pytest args]" >&2; exit 2 ;;
 esac
