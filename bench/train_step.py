@@ -79,8 +79,12 @@ def make_batch(vocab, batch, seq, answer_frac, device, seed=0):
     n_ans = max(1, int(seq * answer_frac))
     rows = torch.arange(batch)[:, None] * seq
     targets = (rows + torch.arange(seq - 1 - n_ans, seq - 1)[None]).reshape(-1)
-    teacher_logits = torch.randn(targets.numel(), vocab, generator=gen) * 3
-    lp, ids = torch.log_softmax(teacher_logits / TEMPERATURE, -1).topk(K, dim=-1)
+    # Teacher top-k without a [M, V] tensor (large batches in the max-batch search): K
+    # distinct ids per row, log-probs of a random distribution over K + 1 outcomes (the
+    # last one is the mass outside the top-k), sorted descending.
+    m = targets.numel()
+    ids = (torch.randint(0, vocab, (m, 1), generator=gen) + torch.arange(K)) % vocab
+    lp = torch.log_softmax(torch.randn(m, K + 1, generator=gen) * 3, -1)[:, :K].sort(-1, descending=True).values
     out = {"input_ids": input_ids, "target_positions": targets, "labels": input_ids.reshape(-1)[targets + 1],
            "topk_ids": ids, "topk_logprobs": lp}
     return {k: v.to(device) for k, v in out.items()}
