@@ -557,6 +557,8 @@ def _check_cache(model, tokenizer, cache, config: TrainConfig, name="cache") -> 
 
 
 def _check_out_dir(out: Path, config: TrainConfig, cache, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
     run_file = out / "run.json"
     taken = [p.name for p in (run_file, out / "metrics.jsonl", out / "checkpoints", out / "adapter") if p.exists()]
     if taken and not resume:
