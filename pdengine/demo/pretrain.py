@@ -159,7 +159,7 @@ def question_writing_validity(model, tokenizer, world: W.World, n: int = 60, see
 
 
 def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, writing_per_step: int = 16,
-             qa_per_document: int = 3,
+             qa_per_document: int = 3, init=None, warmup_ratio: float = 0.05,
              lr: float = 1e-3, gate: float = 0.95, threads: int = 2, log_every: int = 100, eval_limit: int | None = None,
              log=print) -> dict:
     """Pretrain from scratch and save the HF directory; returns the metrics (also in pretrain.json).
@@ -175,11 +175,11 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
     t0 = time.perf_counter()
     world = W.World(seed)
     tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, seed=seed)
+    model = build_tiny_model(tokenizer, seed=seed) if init is None else _load_init(init, tokenizer)
     enc = Encoder(tokenizer)
-    rng = random.Random(seed)
+    rng = random.Random(seed if init is None else seed + 7919)  # a continuation sees new batches
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, max(1, steps // 20)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, max(1, int(steps * warmup_ratio))))
     model.train()
     for step in range(steps):
         people = rng.sample(world.pretrain_entities, batch_docs + writing_per_step)
@@ -199,7 +199,8 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
     train_s = time.perf_counter() - t0
     metrics = {
         "seed": seed, "steps": steps, "batch_docs": batch_docs, "writing_per_step": writing_per_step,
-        "qa_per_document": qa_per_document,
+        "qa_per_document": qa_per_document, "warmup_ratio": warmup_ratio,
+        "init": _init_record(init),
         "lr": lr, "threads": threads, "train_seconds": round(train_s, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "gate_reading_accuracy": reading_accuracy(model, tokenizer, world, limit=eval_limit),
@@ -214,6 +215,24 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
         raise RuntimeError(f"pretraining gate failed: open-book reading accuracy "
                            f"{metrics['gate_reading_accuracy']:.3f} < {gate} (saved to {out_dir})")
     return metrics
+
+
+def _load_init(init, tokenizer):
+    """Continue from a saved demo model (its tokenizer must be the demo tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
+    if model.config.vocab_size != len(tokenizer):
+        raise ValueError(f"init: {init} has vocabulary {model.config.vocab_size}, expected {len(tokenizer)}")
+    return model
+
+
+def _init_record(init):
+    """What a continued run started from (its own pretrain.json), for reproducibility."""
+    if init is None:
+        return None
+    info = Path(init) / "pretrain.json"
+    return json.loads(info.read_text()) if info.is_file() else str(init)
 
 
 def save_model(model, tokenizer, out_dir, metrics: dict) -> None:
@@ -234,12 +253,15 @@ def main(argv=None) -> int:
     p.add_argument("--writing-per-step", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gate", type=float, default=0.95)
+    p.add_argument("--init", default=None, help="continue from this saved demo model instead of from scratch")
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
     try:
         pretrain(args.out, seed=args.seed, steps=args.steps, batch_docs=args.batch_docs, lr=args.lr,
                  qa_per_document=args.qa_per_document, writing_per_step=args.writing_per_step,
+                 init=args.init, warmup_ratio=args.warmup_ratio,
                  gate=args.gate, threads=args.threads, log_every=args.log_every)
     except RuntimeError as e:
         print(f"error: {e}")
