@@ -19,7 +19,11 @@ Implementations (tail mode, temperature 2, weight trainable so every one compute
   are installed (CUDA only); skipped with a note otherwise.
 
 Each row: forward, backward and forward+backward medians (p20/p80 in the JSON), TFLOP/s and
-the peak memory of forward+backward above the inputs. FLOPs: 2 N d V forward, 6 N d V
+the peak memory of forward+backward above the inputs (weight and hidden grads included).
+CUDA: max_memory_allocated. CPU: each implementation's peak resident set is measured in a
+fresh subprocess started with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns every freed
+large buffer to the OS and the resident set follows the live tensors; in one process the
+allocator would keep the previous implementation's freed pages and hide the next one's. FLOPs: 2 N d V forward, 6 N d V
 backward with recompute (4 N d V without dW), 8 N d V forward+backward, the same count for
 every implementation (so TFLOP/s compares wall time; the materialized ones do 6 N d V, not
 8). The GPU rows also time the bare `h @ W.T` GEMM: the fused fwd+bwd as a fraction of
@@ -28,7 +32,10 @@ that rate is the number the issue's target is about.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -49,7 +56,8 @@ GPU_SHAPES = [
 GPU_CE_SHAPES = [("llama3-8b-N16k-k1", 16384, 4096, 128256, 1, torch.bfloat16)]
 CPU_SHAPES = [("cpu-issue3", 2048, 256, 32000, 32, torch.float32)]
 TEMPERATURE = 2.0
-COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_tflops", "peak_mem_MB", "loss_rel_diff"]
+COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_tflops", "peak_mem_MB", "extra_mem_MB",
+           "loss_rel_diff"]
 
 
 # ------------------------------------------------------------------ implementations
@@ -127,8 +135,10 @@ def time_backward(make_loss, warmup, reps) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
 
 
-def measure(fn, inputs, leaves, warmup, reps) -> dict:
-    """fwd / bwd / fwd+bwd timings and fwd+bwd peak memory of loss = fn(*inputs)."""
+def measure(fn, inputs, leaves, warmup, reps, memory_of=None) -> dict:
+    """fwd / bwd / fwd+bwd timings and fwd+bwd peak memory of loss = fn(*inputs).
+
+    memory_of: a callable returning the peak bytes measured elsewhere (CPU subprocess)."""
 
     def zero_grads():
         for t in leaves:
@@ -142,7 +152,7 @@ def measure(fn, inputs, leaves, warmup, reps) -> dict:
     bwd = time_backward(lambda: (zero_grads(), fn(*inputs))[1], warmup, reps)
     both = time_fn(fwd_bwd, warmup, reps)
     zero_grads()
-    memory = peak_memory(fwd_bwd)
+    memory = memory_of() if memory_of is not None else peak_memory(fwd_bwd)
     out = {}
     for tag, t in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", both)):
         out[f"{tag}_ms"], out[f"{tag}_p20_ms"], out[f"{tag}_p80_ms"] = t["median_ms"], t["p20_ms"], t["p80_ms"]
@@ -201,6 +211,25 @@ def topk_implementations(device, chunk):
     return impls, notes
 
 
+def cpu_peak_memory_subprocess(shape, impl, chunk) -> int:
+    """Peak resident-set rise of one fwd+bwd of `impl`, in a fresh process (module docstring)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--memory-of", json.dumps([list(shape[:5]), impl, chunk])]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(spec) -> int:
+    (name, n, d, vocab, k), impl, chunk = json.loads(spec)
+    inputs = _inputs(n, d, vocab, k, torch.float32, "cpu")
+    fn = topk_implementations("cpu", chunk)[0][impl]
+    fn(*inputs).backward()  # warm-up: lazy initialisation and compilation are not charged
+    for t in inputs[:2]:
+        t.grad = None
+    print(peak_memory(lambda: fn(*inputs).backward()))
+    return 0
+
+
 def bench_topk_shape(shape, device, warmup, reps, chunk) -> list[dict]:
     name, n, d, vocab, k, dtype = shape
     inputs = _inputs(n, d, vocab, k, dtype, device)
@@ -212,7 +241,10 @@ def bench_topk_shape(shape, device, warmup, reps, chunk) -> list[dict]:
         ref_loss, _ = _run_guarded(lambda: float(naive(*inputs)))
     rows = []
     for impl, fn in impls.items():
-        res, err = _run_guarded(lambda: measure(fn, inputs, leaves, warmup, reps))
+        memory_of = None
+        if device == "cpu":
+            memory_of = lambda: cpu_peak_memory_subprocess(shape, impl, chunk)  # noqa: E731
+        res, err = _run_guarded(lambda: measure(fn, inputs, leaves, warmup, reps, memory_of))
         row = {"shape": name, "impl": impl, "N": n, "d": d, "V": vocab, "k": k,
                "dtype": str(dtype).removeprefix("torch."), "chunk": chunk if impl == "chunked" else None,
                "backend": _library.backend_info()[device] if impl == "pdengine" else "torch"}
@@ -220,6 +252,9 @@ def bench_topk_shape(shape, device, warmup, reps, chunk) -> list[dict]:
             row["error"] = err
         else:
             row.update(_flops_row(res, n, d, vocab))
+            # beyond the hidden and weight gradients, which every implementation returns
+            grads_mb = sum(t.numel() * t.element_size() for t in leaves) / 2**20
+            row["extra_mem_MB"] = row["peak_mem_MB"] - grads_mb
             with torch.no_grad():
                 loss = float(fn(*inputs))
             row["loss_rel_diff"] = abs(loss - ref_loss) / abs(ref_loss) if ref_loss else None
@@ -276,7 +311,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=None, help="token chunk of the chunked baseline")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # CPU subprocess mode
     args = parser.parse_args(argv)
+    if args.memory_of:
+        return _memory_child(args.memory_of)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.shapes == "gpu" and device != "cuda":
         parser.error("--shapes gpu needs a CUDA device")
