@@ -40,6 +40,7 @@ import triton.language as tl
 # Same constant as pdengine.reference.TAIL_MASS_EPS (not imported: kernels stay free of
 # the library; a test checks the two agree).
 TAIL_MASS_EPS = 1e-6
+_TAIL_EPS = tl.constexpr(TAIL_MASS_EPS)  # jit code may only read constexpr globals
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -192,8 +193,8 @@ def _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL: tl.constexpr)
         r = tl.maximum(1.0 - p_sum, 0.0)
         q_sum = tl.sum(q, axis=0)
         s_raw = 1.0 - q_sum
-        clamped = s_raw < TAIL_MASS_EPS
-        s = tl.maximum(s_raw, TAIL_MASS_EPS)
+        clamped = s_raw < _TAIL_EPS
+        s = tl.maximum(s_raw, _TAIL_EPS)
         r_log_r = tl.where(r > 0, r * tl.log(tl.where(r > 0, r, 1.0)), 0.0)
         kl = tl.sum(tl.where(k_mask, p * (lp - logq), 0.0), axis=0) + r_log_r - r * tl.log(s)
         ratio = tl.where(clamped, 0.0, r / s)  # the clamp stops the tail term's gradient
