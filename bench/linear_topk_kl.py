@@ -274,7 +274,8 @@ def bench_ce_shape(shape, device, warmup, reps) -> list[dict]:
     for note in notes:
         print("note:", note, file=sys.stderr)
     rows = []
-    ref = float(torch.nn.functional.cross_entropy((hidden[:1024] @ weight.T).float(), labels[:1024]))
+    with torch.no_grad():
+        ref = float(torch.nn.functional.cross_entropy((hidden[:1024] @ weight.T).float(), labels[:1024]))
     for impl, fn in impls.items():
         res, err = _run_guarded(lambda: measure(fn, (hidden, weight, labels), (hidden, weight), warmup, reps))
         row = {"shape": name, "impl": impl, "N": n, "d": d, "V": vocab, "k": 1,
@@ -283,6 +284,7 @@ def bench_ce_shape(shape, device, warmup, reps) -> list[dict]:
             row["error"] = err
         else:
             row.update(_flops_row(res, n, d, vocab))
+            row["extra_mem_MB"] = row["peak_mem_MB"] - (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
             with torch.no_grad():
                 first = float(fn(hidden[:1024], weight, labels[:1024])) if impl != "pdengine" else float(
                     pdengine.linear_topk_kl(hidden[:1024], weight, ids[:1024], lp[:1024], validate=False))
