@@ -90,15 +90,16 @@ std::vector<Partial> parallel_over_tiles(int64_t n_tiles, MakePartial make_parti
   return partials;
 }
 
-// out = alpha * (h W[v0:v0+cols]^T + sha B[v0:v0+cols]^T), sha = s h A^T (LoRA; may be
-// undefined). The scalar rides on the GEMM (alpha, beta = 0), so it costs no extra pass.
+// out = h W[v0:v0+cols]^T (+ sha B[v0:v0+cols]^T, sha = s h A^T for LoRA; may be undefined).
+// Callers pass h and sha pre-multiplied by logits_alpha, so the tile comes out as u / tau
+// (or u / c with a soft-cap) with no extra pass over it.
 inline void tile_logits(Tensor& out, const Tensor& h, const Tensor& w, const Tensor& sha,
-                        const Tensor& b, int64_t v0, int64_t cols, double alpha) {
-  at::addmm_out(out, out, h, w.narrow(0, v0, cols).t(), 0.0, alpha);
-  if (sha.defined()) out.addmm_(sha, b.narrow(0, v0, cols).t(), 1.0, alpha);
+                        const Tensor& b, int64_t v0, int64_t cols) {
+  at::mm_out(out, h, w.narrow(0, v0, cols).t());
+  if (sha.defined()) out.addmm_(sha, b.narrow(0, v0, cols).t());
 }
 
-// GEMM alpha for tile_logits: 1/tau gives z directly; with a soft-cap c, 1/c gives u/c.
+// The factor for tile_logits' inputs: 1/tau gives z directly; with a soft-cap c, 1/c gives u/c.
 inline double logits_alpha(double softcap, double temperature) {
   return softcap > 0 ? 1.0 / softcap : 1.0 / temperature;
 }

@@ -15,6 +15,7 @@ struct LossInputs {
   int64_t n = 0, d = 0, vocab = 0, k = 0;
   at::ScalarType dtype = at::kFloat;
   Tensor h, w, a, b, sha;  // sha = s * h A^T [N, r]; a, b, sha undefined without LoRA
+  Tensor h_gemm, sha_gemm;  // h and sha times logits_alpha: the tile GEMMs' left operands
   Tensor ids;              // int64 [N, k]
   Tensor lp;               // double [N, k]: teacher log-probs
   Tensor labels;           // int64 [N] or undefined
@@ -104,6 +105,9 @@ LossInputs prepare(const Tensor& hidden, const Tensor& weight, const std::option
     in.b = as_compute(*lora_b, in.dtype);
     in.sha = at::mm(in.h, in.a.t()).mul_(lora_scale);
   }
+  const double alpha = logits_alpha(softcap, temperature);
+  in.h_gemm = in.h * alpha;
+  if (in.sha.defined()) in.sha_gemm = in.sha * alpha;
   in.ids = ids.detach().to(at::kLong).contiguous();
   in.lp = lp.detach().to(at::kDouble).contiguous();
   if (labels.has_value()) in.labels = labels->detach().to(at::kLong).contiguous();
@@ -162,8 +166,8 @@ Tensor full_lse(const LossInputs& in) {
   const int64_t n_tiles = ceil_div(in.vocab, kTileVocab);
   for (int64_t c0 = 0; c0 < in.n; c0 += kChunkRows) {
     const int64_t rows = std::min(kChunkRows, in.n - c0);
-    const Tensor h = in.h.narrow(0, c0, rows);
-    const Tensor sha = in.has_lora() ? in.sha.narrow(0, c0, rows) : Tensor();
+    const Tensor h = in.h_gemm.narrow(0, c0, rows);
+    const Tensor sha = in.has_lora() ? in.sha_gemm.narrow(0, c0, rows) : Tensor();
     struct Partial {
       OnlineLse lse;
       Tensor logits, scratch;
@@ -179,7 +183,7 @@ Tensor full_lse(const LossInputs& in) {
           const int64_t cols = std::min(kTileVocab, in.vocab - v0);
           Tensor z = scratch_view(p.logits, rows, cols);
           Tensor scratch = scratch_view(p.scratch, rows, cols);
-          tile_logits(z, h, in.w, sha, in.b, v0, cols, logits_alpha(in.softcap, in.temperature));
+          tile_logits(z, h, in.w, sha, in.b, v0, cols);
           finish_scaled_logits(z, in.softcap, in.temperature);
           p.lse.template fold<scalar_t>(z, scratch);
         });
@@ -266,24 +270,33 @@ GradCoefficients grad_coefficients(const LossInputs& in, const Tensor& grad_loss
   return {dense.to(in.dtype), corr.to(in.dtype), label_corr.to(in.dtype)};
 }
 
-// Adds the sparse corrections of token rows [c0, c0 + rows) that fall in vocabulary
-// [v0, v0 + cols) to the gradient tile g [rows, cols].
+// One sparse term of the gradient tile: g[row, col] += value.
 template <typename scalar_t>
-void add_sparse_corrections(const LossInputs& in, const GradCoefficients& coef, scalar_t* g,
-                            int64_t c0, int64_t rows, int64_t v0, int64_t cols) {
+struct Correction {
+  int32_t row, col;
+  scalar_t value;
+};
+
+// The sparse corrections of token rows [c0, c0 + rows) (teacher ids and labels), bucketed
+// by vocabulary tile, so each tile touches only its own O(rows k / n_tiles) entries.
+template <typename scalar_t>
+std::vector<std::vector<Correction<scalar_t>>> bucket_corrections(
+    const LossInputs& in, const GradCoefficients& coef, int64_t c0, int64_t rows) {
+  std::vector<std::vector<Correction<scalar_t>>> buckets(ceil_div(in.vocab, kTileVocab));
   const int64_t* ids = in.ids.data_ptr<int64_t>();
   const scalar_t* corr = coef.corr.data_ptr<scalar_t>();
+  const scalar_t* label_corr = coef.label_corr.data_ptr<scalar_t>();
+  const int64_t* labels = in.has_ce() ? in.labels.data_ptr<int64_t>() : nullptr;
+  auto add = [&](int64_t i, int64_t v, scalar_t value) {
+    buckets[v / kTileVocab].push_back(
+        {static_cast<int32_t>(i), static_cast<int32_t>(v % kTileVocab), value});
+  };
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = c0 + i;
-    for (int64_t j = 0; j < in.k; ++j) {
-      const int64_t v = ids[row * in.k + j] - v0;
-      if (v >= 0 && v < cols) g[i * cols + v] += corr[row * in.k + j];
-    }
-    if (in.has_ce() && in.counted(row)) {
-      const int64_t v = in.labels.data_ptr<int64_t>()[row] - v0;
-      if (v >= 0 && v < cols) g[i * cols + v] += coef.label_corr.data_ptr<scalar_t>()[row];
-    }
+    for (int64_t j = 0; j < in.k; ++j) add(i, ids[row * in.k + j], corr[row * in.k + j]);
+    if (labels && labels[row] != in.ignore_index) add(i, labels[row], label_corr[row]);
   }
+  return buckets;
 }
 
 struct Grads {
@@ -297,6 +310,9 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
                     int64_t c0, int64_t rows, Grads& grads) {
   const Tensor h = in.h.narrow(0, c0, rows);
   const Tensor sha = in.has_lora() ? in.sha.narrow(0, c0, rows) : Tensor();
+  const Tensor h_gemm = in.h_gemm.narrow(0, c0, rows);
+  const Tensor sha_gemm = in.has_lora() ? in.sha_gemm.narrow(0, c0, rows) : Tensor();
+  const auto corrections = bucket_corrections<scalar_t>(in, coef, c0, rows);
   const Tensor lse_c = lse.narrow(0, c0, rows).unsqueeze(1);
   const Tensor dense_c = coef.dense.narrow(0, c0, rows).unsqueeze(1);
   const int64_t r = in.has_lora() ? in.a.size(0) : 0;
@@ -316,7 +332,7 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
         const int64_t cols = std::min(kTileVocab, in.vocab - v0);
         Tensor u = scratch_view(p.logits, rows, cols);
         Tensor g = scratch_view(p.g, rows, cols);
-        tile_logits(u, h, in.w, sha, in.b, v0, cols, logits_alpha(in.softcap, in.temperature));
+        tile_logits(u, h_gemm, in.w, sha_gemm, in.b, v0, cols);
         if (in.softcap > 0) {
           u.tanh_();  // t = tanh(u / c); z = c t / tau
           at::mul_out(g, u, in.softcap / in.temperature).sub_(lse_c);
@@ -324,7 +340,8 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
           at::sub_out(g, u, lse_c);  // u already is z
         }
         g.exp_().mul_(dense_c);  // dense part: coefficient * q
-        add_sparse_corrections<scalar_t>(in, coef, g.data_ptr<scalar_t>(), c0, rows, v0, cols);
+        scalar_t* g_ptr = g.data_ptr<scalar_t>();
+        for (const auto& c : corrections[tile]) g_ptr[c.row * cols + c.col] += c.value;
         if (in.softcap > 0) g.mul_(u.mul_(u).neg_().add_(1.0));  // d softcap / du = 1 - t^2
         p.dh.addmm_(g, in.w.narrow(0, v0, cols));
         if (r) p.gb.addmm_(g, in.b.narrow(0, v0, cols));

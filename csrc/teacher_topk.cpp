@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor> teacher_topk_cpu(const Tensor& hidden, const Tensor& 
   AT_DISPATCH_FLOATING_TYPES(dtype, "teacher_topk_cpu", [&] {
     for (int64_t c0 = 0; c0 < n; c0 += kChunkRows) {
       const int64_t rows = std::min(kChunkRows, n - c0);
-      const Tensor h = h_all.narrow(0, c0, rows);
+      const Tensor h = h_all.narrow(0, c0, rows).mul(logits_alpha(softcap, temperature));
       auto partials = parallel_over_tiles<TopKPartial>(
           ceil_div(vocab, kTileVocab),
           [&] {
@@ -90,7 +90,7 @@ std::tuple<Tensor, Tensor> teacher_topk_cpu(const Tensor& hidden, const Tensor& 
             const int64_t cols = std::min(kTileVocab, vocab - v0);
             Tensor z = scratch_view(p.logits, rows, cols);
             Tensor scratch = scratch_view(p.scratch, rows, cols);
-            tile_logits(z, h, w, Tensor(), Tensor(), v0, cols, logits_alpha(softcap, temperature));
+            tile_logits(z, h, w, Tensor(), Tensor(), v0, cols);
             finish_scaled_logits(z, softcap, temperature);
             p.lse.template fold<scalar_t>(z, scratch);
             offer_tile<scalar_t>(p, z, v0, k);
