@@ -15,8 +15,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help="a few documents and steps: checks the stages run, not that injection works")
     parser.add_argument("--pretrain", action="store_true",
-                        help="pretrain the tiny model from scratch (seed --seed) instead of copying the "
-                             "shipped checkpoint (a few minutes on 2 cores)")
+                        help="pretrain the tiny model from scratch with the shipped recipe instead of "
+                             "copying the shipped checkpoint (about 15-25 minutes on 2 cores)")
+    parser.add_argument("--pretrain-seed", type=int, default=1,
+                        help="seed of --pretrain (1 reproduces the shipped checkpoint)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of PD and SFT (default 300)")
     parser.add_argument("--documents", type=int, default=None, help="new documents, 1..30 (default 30)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -33,7 +35,7 @@ def run(args) -> int:
         overrides["n_documents"] = args.documents
     cfg = DemoConfig.fast(**overrides) if args.fast else DemoConfig(**overrides)
     try:
-        run_demo(args.out, cfg, pretrain=args.pretrain)
+        run_demo(args.out, cfg, pretrain=args.pretrain, pretrain_seed=args.pretrain_seed)
     except RuntimeError as e:  # the pretraining gate
         print(f"error: {e}")
         return 1

@@ -90,9 +90,11 @@ class _Stages:
 def prepare_model(model_dir: Path, *, pretrain: bool, seed: int, source: Path = ASSETS, log=print) -> dict:
     """Put the tiny base model in model_dir: a copy of the shipped checkpoint, or pretrain it."""
     if pretrain:
-        from pdengine.demo.pretrain import pretrain as run_pretrain
+        from pdengine.demo.pretrain import pretrain_recipe
 
-        return run_pretrain(model_dir, seed=seed, log=log)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        return pretrain_recipe(model_dir, seed=seed, log=log)
     if not (source / "config.json").is_file():
         raise ValueError(f"no shipped demo model in {source}; run with --pretrain to build one")
     if model_dir.exists():
@@ -105,6 +107,23 @@ def _load(model_dir: Path):
     from pdengine.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(model_dir, dtype=torch.float32, device="cpu")
+
+
+def _stage_seeds(info: dict) -> list[int]:
+    """World seeds of every pretraining stage, last stage first (pretrain.json chains them via "init")."""
+    seeds = []
+    while isinstance(info, dict):
+        seeds.append(int(info.get("seed", 0)))
+        info = info.get("init")
+    return seeds
+
+
+def demo_world(pretrain_info: dict) -> W.World:
+    """The world of the model's last pretraining stage; its new people are never people any
+    stage pretrained on (stages may use other world seeds)."""
+    seeds = _stage_seeds(pretrain_info)
+    seen = {e.name for s in set(seeds[1:]) - {seeds[0]} for e in W.World(s).pretrain_entities}
+    return W.World(seeds[0], exclude=seen)
 
 
 def check_gate(model, tokenizer, world: W.World, cfg: DemoConfig) -> float:
@@ -192,12 +211,13 @@ def reading_after_injection(models: dict, tokenizer, world: W.World, cfg: DemoCo
     return out
 
 
-def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, model_source=None,
-             log=print) -> dict:
+def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, pretrain_seed: int = 1,
+             model_source=None, log=print) -> dict:
     """Run the whole demo into out_dir; returns the report (also DIR/report.json).
 
     The base model is a copy of `model_source` (default: the shipped checkpoint in
-    pdengine/demo/assets) or, with pretrain=True, pretrained from scratch (seed cfg.seed).
+    pdengine/demo/assets) or, with pretrain=True, pretrained from scratch with the shipped
+    recipe (pretrain.pretrain_recipe; pretrain_seed 1 reproduces the shipped model).
     """
     from pdengine import evaluate as E
     from pdengine import qa
@@ -212,10 +232,10 @@ def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, 
     stages = _Stages(log)
     started = time.perf_counter()
 
-    pretrain_info = stages.run("model", prepare_model, out / "model", pretrain=pretrain, seed=cfg.seed,
+    pretrain_info = stages.run("model", prepare_model, out / "model", pretrain=pretrain, seed=pretrain_seed,
                                source=Path(model_source or ASSETS), log=log)
     model, tokenizer = _load(out / "model")
-    world = W.World(pretrain_info.get("seed", 0), n_new=W.World.MAX_NEW)
+    world = demo_world(pretrain_info)
     documents = world.new_documents[: cfg.n_documents]
     eval_questions = world.eval_questions(per_fact=cfg.eval_per_fact, seed=cfg.seed, n_documents=cfg.n_documents)
     gate_accuracy = stages.run("gate", check_gate, model, tokenizer, world, cfg)

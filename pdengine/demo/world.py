@@ -187,7 +187,9 @@ class World:
 
     MAX_NEW = 30
 
-    def __init__(self, seed: int = 0, n_pretrain: int = 4000, n_new: int = MAX_NEW):
+    def __init__(self, seed: int = 0, n_pretrain: int = 4000, n_new: int = MAX_NEW, exclude=()):
+        """exclude: names that must not be new people (e.g. people another pretraining stage
+        with another world seed saw); new people are the first others after the pretraining ones."""
         if n_pretrain < 1 or n_new < 1:
             raise ValueError(f"n_pretrain and n_new must be >= 1, got {n_pretrain}, {n_new}")
         names = [f"{f} {l}" for f in POOLS["first_names"] for l in POOLS["last_names"]]
@@ -196,9 +198,12 @@ class World:
         self.seed = seed
         rng = random.Random(seed)
         rng.shuffle(names)
-        people = [Entity(n, {a: rng.choice(POOLS[a]) for a in ATTRIBUTES}) for n in names[: n_pretrain + n_new]]
+        people = [Entity(n, {a: rng.choice(POOLS[a]) for a in ATTRIBUTES}) for n in names]
         self.pretrain_entities = people[:n_pretrain]
-        self.new_entities = people[n_pretrain:]
+        exclude = set(exclude)
+        self.new_entities = [p for p in people[n_pretrain:] if p.name not in exclude][:n_new]
+        if len(self.new_entities) < n_new:
+            raise ValueError(f"exclude leaves only {len(self.new_entities)} new people, need n_new={n_new}")
         doc_rng = random.Random(seed + 1)
         self.new_documents = [
             {"id": f"new-{i:03d}", "title": e.name, "text": render_document(e, doc_rng)}
