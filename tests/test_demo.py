@@ -149,3 +149,15 @@ def test_pipeline_gate_refuses_a_model_that_cannot_read():
     torch.set_num_threads(1)
     with pytest.raises(RuntimeError, match="gate failed"):
         check_gate(model, tok, W.World(0), DemoConfig(gate_sample=12))
+
+
+def test_demo_world_new_people_were_never_pretrained_on():
+    from pdengine.demo.pipeline import demo_world
+
+    chain = {"seed": 2, "init": {"seed": 1, "init": {"seed": 1, "init": None}}}
+    world = demo_world(chain)
+    seen = {e.name for s in (1, 2) for e in W.World(s).pretrain_entities}
+    assert world.seed == 2 and len(world.new_entities) == W.World.MAX_NEW
+    assert not seen & {e.name for e in world.new_entities}
+    with pytest.raises(ValueError, match="exclude"):
+        W.World(0, exclude={n for f in W.POOLS["first_names"] for n in (f"{f} {l}" for l in W.POOLS["last_names"])})
