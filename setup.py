@@ -38,7 +38,8 @@ setup(
     name="pdengine",
     version="0.1.0",
     description="Knowledge injection via prompt distillation, with fused Triton/C++ kernels",
-    packages=["pdengine", "pdengine.ops", "pdengine.kernels"],
+    packages=["pdengine", "pdengine.ops", "pdengine.kernels", "pdengine.demo"],
+    package_data={"pdengine.demo": ["assets/*"]},  # the shipped tiny demo model
     package_dir={"pdengine.kernels": "kernels"},
     python_requires=">=3.10",
     # torch and triton are deliberately not pinned to a version: pip must never replace a
