@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdengine.kernels._math import tanh as _tanh
+
 # Same constant as pdengine.reference.TAIL_MASS_EPS (not imported: kernels stay free of
 # the library; a test checks the two agree).
 TAIL_MASS_EPS = 1e-6
@@ -62,14 +64,6 @@ else:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _tanh(x):
-    # tanh via exp of a non-positive argument: no overflow, works in the interpreter.
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
 
 
 @triton.jit

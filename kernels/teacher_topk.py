@@ -28,19 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+from pdengine.kernels._math import tanh as _tanh
+
 _LOW32 = 0xFFFFFFFF
 _SIGN_FLIP = 0x7FFFFFFF
 # Target vocabulary ids per chunk: bounds the candidate buffer to ~K / _CHUNK_V of N * V
 # (1.6 % for k=64) while leaving (N / BLOCK_N) * (V / _CHUNK_V) programs to fill a GPU.
 _CHUNK_V = 4096
-
-
-@triton.jit
-def _tanh(x):
-    # tanh from exp, stable for any |x| (exp(-2|x|) never overflows); abs. error ~1e-7.
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
 
 
 @triton.jit
