@@ -37,6 +37,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pdengine.io import atomic_write_bytes, atomic_write_json
+from pdengine.modeling import greedy_pack
 
 FORMAT_NAME = "pdengine-teacher-cache"
 FORMAT_VERSION = 1
@@ -425,16 +426,8 @@ class TeacherCache:
         order = list(range(len(lengths)))
         if shuffle:
             random.Random(f"{seed}/{epoch}").shuffle(order)
-        batches, current, used = [], [], 0
-        for i in order:
-            if used + lengths[i] > batch_tokens:
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += lengths[i]
-        if current:
-            batches.append(current)
-        return batches
+        groups = greedy_pack([lengths[i] for i in order], batch_tokens)
+        return [[order[j] for j in group] for group in groups]
 
     def num_batches(self, batch_tokens: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> int:
         """How many batches `batches` yields for these arguments (with start=0)."""

@@ -60,3 +60,20 @@ def hidden_states(model, input_ids, position_ids=None, attention_mask=None) -> t
         use_cache=False,
     )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def greedy_pack(sizes, budget: int, overhead: int = 0) -> list[list[int]]:
+    """Group consecutive items greedily: a group takes the next item while `overhead` plus
+    its items' sizes stay within `budget` (an item too large alone gets a group of its own).
+    Returns lists of indices into `sizes`. Used for packed training batches and prefill rows.
+    """
+    groups, current, used = [], [], overhead
+    for i, size in enumerate(sizes):
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], overhead
+        current.append(i)
+        used += size
+    if current:
+        groups.append(current)
+    return groups

@@ -24,6 +24,7 @@ import torch
 
 from pdengine import cache as cache_format
 from pdengine import modeling
+from pdengine.modeling import greedy_pack
 from pdengine.ops.teacher_topk import teacher_topk
 from pdengine.prompts import DEFAULT_FORMAT, PromptFormat, build_example
 
@@ -130,15 +131,9 @@ def make_groups(examples, batch_tokens: int, share_prefix: bool = True) -> list[
     groups = []
     for members in by_doc.values():
         prefix_len = _prefix_length(members)
-        current, used = [], prefix_len
-        for ex in members:
-            size = _suffix_length(ex, prefix_len)
-            if current and used + size > batch_tokens:
-                groups.append(_group(current))
-                current, used = [], prefix_len
-            current.append(ex)
-            used += size
-        groups.append(_group(current))
+        sizes = [_suffix_length(ex, prefix_len) for ex in members]
+        for part in greedy_pack(sizes, batch_tokens, overhead=prefix_len):
+            groups.append(_group([members[i] for i in part]))
     return groups
 
 
@@ -154,17 +149,8 @@ def _group_tokens(group) -> int:
 def pack_rows(groups, batch_tokens: int) -> list[list[dict]]:
     """Consecutive groups packed greedily into rows of at most batch_tokens tokens
     (a single group longer than that gets a row of its own)."""
-    rows, current, used = [], [], 0
-    for group in groups:
-        size = _group_tokens(group)
-        if current and used + size > batch_tokens:
-            rows.append(current)
-            current, used = [], 0
-        current.append(group)
-        used += size
-    if current:
-        rows.append(current)
-    return rows
+    parts = greedy_pack([_group_tokens(group) for group in groups], batch_tokens)
+    return [[groups[i] for i in part] for part in parts]
 
 
 def build_row(groups) -> dict:

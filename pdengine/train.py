@@ -297,16 +297,8 @@ class ExampleSource:
         if shuffle:
             gen = torch.Generator().manual_seed(_mix_seed(seed, epoch))
             order = torch.randperm(len(order), generator=gen).tolist()
-        groups, current, used = [], [], 0
-        for i in order:
-            n = _sequence_length(self.examples[i])
-            if current and used + n > batch_tokens:
-                groups.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += n
-        if current:
-            groups.append(current)
+        sizes = [_sequence_length(self.examples[i]) for i in order]
+        groups = [[order[j] for j in part] for part in modeling.greedy_pack(sizes, batch_tokens)]
         for group in groups[start:]:
             yield pack_examples([self.examples[i] for i in group], indices=group)
 

@@ -102,3 +102,10 @@ def test_hidden_states_of_packed_rows_match_separate_forwards():
     packed = modeling.hidden_states(model, torch.cat([a, b], 1), pos, modeling.segment_attention_mask(seg))
     torch.testing.assert_close(packed[:, :4], modeling.hidden_states(model, a), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 4:], modeling.hidden_states(model, b), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_pack_keeps_order_and_budget():
+    assert modeling.greedy_pack([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
+    assert modeling.greedy_pack([7, 2], 6) == [[0], [1]]  # too large alone: own group
+    assert modeling.greedy_pack([2, 2, 2], 7, overhead=3) == [[0, 1], [2]]
+    assert modeling.greedy_pack([], 4) == []
