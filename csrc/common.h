@@ -54,6 +54,16 @@ inline void check_dim(const Tensor& t, int64_t dim, const char* name, const char
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", what, ", got shape ", t.sizes());
 }
 
+// hidden [N, d] and an lm_head weight [V, d]: the inputs of both lm_head ops.
+inline void check_hidden_and_head(const Tensor& hidden, const Tensor& weight) {
+  check_floating(hidden, "hidden");
+  check_dim(hidden, 2, "hidden", "2-D [N, d]");
+  check_floating(weight, "weight");
+  check_dim(weight, 2, "weight", "2-D [V, d]");
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must have shape [V, ",
+                    hidden.size(1), "] (hidden's d), got ", weight.sizes());
+}
+
 inline void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the C++ backend, got ",
                     t.device());

@@ -33,12 +33,7 @@ struct LossInputs {
 void check_inputs(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& lora_a,
                   const std::optional<Tensor>& lora_b, const Tensor& ids, const Tensor& lp,
                   const std::optional<Tensor>& labels, double temperature, double softcap) {
-  check_floating(hidden, "hidden");
-  check_dim(hidden, 2, "hidden", "2-D [N, d]");
-  check_floating(weight, "weight");
-  check_dim(weight, 2, "weight", "2-D [V, d]");
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must have shape [V, ",
-                    hidden.size(1), "] (hidden's d), got ", weight.sizes());
+  check_hidden_and_head(hidden, weight);
   TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight must have at least one vocabulary row");
   TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(),
                     "lora_a and lora_b must be given together");

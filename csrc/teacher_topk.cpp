@@ -55,12 +55,7 @@ void offer_tile(TopKPartial& p, const Tensor& z, int64_t v0, int64_t k) {
 
 std::tuple<Tensor, Tensor> teacher_topk_cpu(const Tensor& hidden, const Tensor& weight,
                                             int64_t k, double temperature, double softcap) {
-  check_floating(hidden, "hidden");
-  check_dim(hidden, 2, "hidden", "2-D [N, d]");
-  check_floating(weight, "weight");
-  check_dim(weight, 2, "weight", "2-D [V, d]");
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must have shape [V, ",
-                    hidden.size(1), "] (hidden's d), got ", weight.sizes());
+  check_hidden_and_head(hidden, weight);
   TORCH_CHECK_VALUE(k >= 1 && k <= weight.size(0), "k must be in [1, V=", weight.size(0),
                     "], got ", k);
   TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
