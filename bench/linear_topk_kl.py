@@ -2,7 +2,8 @@
 
     python bench/linear_topk_kl.py [--shapes gpu|cpu] [--reps 5] [--warmup 2] [--chunk 1024]
 
-Implementations (tail mode, temperature 2, weight trainable so every one computes dW):
+Implementations (tail mode, temperature 2), each timed twice: with a trainable lm_head weight
+(every implementation computes dW) and with a frozen one (the LoRA case: no dW):
 - `naive`: the materialized path, `logits = (h @ W.T).float()`, log-softmax, gather, KL: the
   math of `pdengine.reference.linear_topk_kl`, with the GEMM in the input dtype (the
   reference itself upcasts h and W to fp32 first, which on a GPU would time an fp32 GEMM).
@@ -13,7 +14,11 @@ Implementations (tail mode, temperature 2, weight trainable so every one compute
   recomputed in the backward).
 - `pdengine`: `pdengine.linear_topk_kl(..., validate=False)`: the backend that
   `pdengine.backend_info()` names (Triton on CUDA; the C++ kernels on CPU; on a CPU without
-  pdengine._C it is skipped rather than timing the materialized fallback).
+  pdengine._C it is skipped rather than timing the materialized fallback). On CPU this mean
+  loss takes the single pass (gradients computed in the forward, 6 N d V GEMM FLOPs; 4
+  with a frozen weight).
+- `pdengine-2pass`: the same op with reduction="none", then `.mean()`: forward, then a
+  backward that recomputes the logit tiles (8 N d V; 6 with a frozen weight).
 - k = 1 cross-entropy rows (lp = 0, so KL = CE): `pdengine` against Liger's
   LigerFusedLinearCrossEntropyLoss and cut-cross-entropy's linear_cross_entropy, when they
   are installed (CUDA only); skipped with a note otherwise.
@@ -24,9 +29,9 @@ CUDA: max_memory_allocated. CPU: each implementation's peak resident set is meas
 fresh subprocess started with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns every freed
 large buffer to the OS and the resident set follows the live tensors; in one process the
 allocator would keep the previous implementation's freed pages and hide the next one's. FLOPs: 2 N d V forward, 6 N d V
-backward with recompute (4 N d V without dW), 8 N d V forward+backward, the same count for
-every implementation (so TFLOP/s compares wall time; the materialized ones do 6 N d V, not
-8). The GPU rows also time the bare `h @ W.T` GEMM: the fused fwd+bwd as a fraction of
+backward with recompute (4 N d V without dW), 8 N d V forward+backward (6 with a frozen
+weight), the same count for every implementation (so TFLOP/s compares wall time; the
+materialized ones and the single pass do 2 N d V less). The GPU rows also time the bare `h @ W.T` GEMM: the fused fwd+bwd as a fraction of
 that rate is the number the issue's target is about.
 """
 from __future__ import annotations
@@ -56,7 +61,7 @@ GPU_SHAPES = [
 GPU_CE_SHAPES = [("llama3-8b-N16k-k1", 16384, 4096, 128256, 1, torch.bfloat16)]
 CPU_SHAPES = [("cpu-issue3", 2048, 256, 32000, 32, torch.float32)]
 TEMPERATURE = 2.0
-COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_tflops", "peak_mem_MB", "extra_mem_MB",
+COLUMNS = ["shape", "impl", "weight_grad", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_tflops", "peak_mem_MB", "extra_mem_MB",
            "loss_rel_diff"]
 
 
@@ -95,6 +100,11 @@ def make_chunked(chunk):
 
 def fused(hidden, weight, ids, lp):
     return pdengine.linear_topk_kl(hidden, weight, ids, lp, temperature=TEMPERATURE, mode="tail", validate=False)
+
+
+def fused_two_pass(hidden, weight, ids, lp):
+    return pdengine.linear_topk_kl(hidden, weight, ids, lp, temperature=TEMPERATURE, mode="tail", validate=False,
+                                   reduction="none").mean()
 
 
 def ce_implementations():
@@ -160,11 +170,12 @@ def measure(fn, inputs, leaves, warmup, reps, memory_of=None) -> dict:
     return out
 
 
-def _flops_row(row, n, d, vocab):
+def _flops_row(row, n, d, vocab, weight_grad=True):
     base = n * d * vocab
+    bwd = 6 if weight_grad else 4
     row["fwd_tflops"] = tflops(2 * base, row["fwd_ms"])
-    row["bwd_tflops"] = tflops(6 * base, row["bwd_ms"])
-    row["fwd_bwd_tflops"] = tflops(8 * base, row["fwd_bwd_ms"])
+    row["bwd_tflops"] = tflops(bwd * base, row["bwd_ms"])
+    row["fwd_bwd_tflops"] = tflops((2 + bwd) * base, row["fwd_bwd_ms"])
     return row
 
 
@@ -184,10 +195,10 @@ def _run_guarded(fn):
 # ---------------------------------------------------------------------------- shapes
 
 
-def _inputs(n, d, vocab, k, dtype, device):
+def _inputs(n, d, vocab, k, dtype, device, weight_grad=True):
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_(True)
-    weight = (torch.randn(vocab, d, device=device, dtype=dtype, generator=g) * d**-0.5).requires_grad_(True)
+    weight = (torch.randn(vocab, d, device=device, dtype=dtype, generator=g) * d**-0.5).requires_grad_(weight_grad)
     teacher = torch.randn(n, vocab, device=device, dtype=torch.float32, generator=g) * 2
     lp, ids = torch.log_softmax(teacher / TEMPERATURE, dim=-1).topk(k, dim=-1)
     del teacher
@@ -206,22 +217,23 @@ def topk_implementations(device, chunk):
     notes = []
     if device == "cuda" or _library.HAS_CPP:
         impls["pdengine"] = fused
+        impls["pdengine-2pass"] = fused_two_pass
     else:
         notes.append("pdengine._C not built: the fused CPU row (C++ backend) is skipped")
     return impls, notes
 
 
-def cpu_peak_memory_subprocess(shape, impl, chunk) -> int:
+def cpu_peak_memory_subprocess(shape, impl, chunk, weight_grad) -> int:
     """Peak resident-set rise of one fwd+bwd of `impl`, in a fresh process (module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--memory-of", json.dumps([list(shape[:5]), impl, chunk])]
+    cmd = [sys.executable, __file__, "--memory-of", json.dumps([list(shape[:5]), impl, chunk, weight_grad])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
 def _memory_child(spec) -> int:
-    (name, n, d, vocab, k), impl, chunk = json.loads(spec)
-    inputs = _inputs(n, d, vocab, k, torch.float32, "cpu")
+    (name, n, d, vocab, k), impl, chunk, weight_grad = json.loads(spec)
+    inputs = _inputs(n, d, vocab, k, torch.float32, "cpu", weight_grad)
     fn = topk_implementations("cpu", chunk)[0][impl]
     fn(*inputs).backward()  # warm-up: lazy initialisation and compilation are not charged
     for t in inputs[:2]:
@@ -230,10 +242,10 @@ def _memory_child(spec) -> int:
     return 0
 
 
-def bench_topk_shape(shape, device, warmup, reps, chunk) -> list[dict]:
+def bench_topk_shape(shape, device, warmup, reps, chunk, weight_grad) -> list[dict]:
     name, n, d, vocab, k, dtype = shape
-    inputs = _inputs(n, d, vocab, k, dtype, device)
-    leaves = inputs[:2]
+    inputs = _inputs(n, d, vocab, k, dtype, device, weight_grad)
+    leaves = inputs[:2] if weight_grad else inputs[:1]
     impls, notes = topk_implementations(device, chunk)
     for note in notes:
         print("note:", note, file=sys.stderr)
@@ -243,16 +255,16 @@ def bench_topk_shape(shape, device, warmup, reps, chunk) -> list[dict]:
     for impl, fn in impls.items():
         memory_of = None
         if device == "cpu":
-            memory_of = lambda: cpu_peak_memory_subprocess(shape, impl, chunk)  # noqa: E731
+            memory_of = lambda: cpu_peak_memory_subprocess(shape, impl, chunk, weight_grad)  # noqa: E731
         res, err = _run_guarded(lambda: measure(fn, inputs, leaves, warmup, reps, memory_of))
-        row = {"shape": name, "impl": impl, "N": n, "d": d, "V": vocab, "k": k,
+        row = {"shape": name, "impl": impl, "weight_grad": weight_grad, "N": n, "d": d, "V": vocab, "k": k,
                "dtype": str(dtype).removeprefix("torch."), "chunk": chunk if impl == "chunked" else None,
-               "backend": _library.backend_info()[device] if impl == "pdengine" else "torch"}
+               "backend": _library.backend_info()[device] if impl.startswith("pdengine") else "torch"}
         if err:
             row["error"] = err
         else:
-            row.update(_flops_row(res, n, d, vocab))
-            # beyond the hidden and weight gradients, which every implementation returns
+            row.update(_flops_row(res, n, d, vocab, weight_grad))
+            # beyond the hidden (and weight) gradients, which every implementation returns
             grads_mb = sum(t.numel() * t.element_size() for t in leaves) / 2**20
             row["extra_mem_MB"] = row["peak_mem_MB"] - grads_mb
             with torch.no_grad():
@@ -278,7 +290,7 @@ def bench_ce_shape(shape, device, warmup, reps) -> list[dict]:
         ref = float(torch.nn.functional.cross_entropy((hidden[:1024] @ weight.T).float(), labels[:1024]))
     for impl, fn in impls.items():
         res, err = _run_guarded(lambda: measure(fn, (hidden, weight, labels), (hidden, weight), warmup, reps))
-        row = {"shape": name, "impl": impl, "N": n, "d": d, "V": vocab, "k": 1,
+        row = {"shape": name, "impl": impl, "weight_grad": weight_grad, "N": n, "d": d, "V": vocab, "k": 1,
                "dtype": str(dtype).removeprefix("torch.")}
         if err:
             row["error"] = err
@@ -327,7 +339,8 @@ def main(argv=None) -> int:
     for shape in GPU_SHAPES if args.shapes == "gpu" else CPU_SHAPES:
         if device == "cuda":
             rows.append(bench_gemm(shape, device, args.warmup, args.reps))
-        rows += bench_topk_shape(shape, device, args.warmup, args.reps, chunk)
+        for weight_grad in (True, False):
+            rows += bench_topk_shape(shape, device, args.warmup, args.reps, chunk, weight_grad)
     if args.shapes == "gpu":
         for shape in GPU_CE_SHAPES:
             ce_rows, ce_notes = bench_ce_shape(shape, device, args.warmup, args.reps)

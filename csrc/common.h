@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -191,6 +192,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_topk_kl_backward_cpu(
     const std::optional<Tensor>& labels, const Tensor& lse, double lora_scale,
     double temperature, double softcap, bool tail, double ce_weight, int64_t ignore_index,
     bool needs_weight_grad);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_topk_kl_forward_backward_cpu(
+    const Tensor& grad_loss, const Tensor& hidden, const Tensor& weight,
+    const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
+    const Tensor& teacher_ids, const Tensor& teacher_logprobs,
+    const std::optional<Tensor>& labels, double lora_scale, double temperature, double softcap,
+    bool tail, double ce_weight, int64_t ignore_index, bool needs_weight_grad);
 
 Tensor lora_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_a,
                        const Tensor& lora_b, double scale, const std::optional<Tensor>& bias,

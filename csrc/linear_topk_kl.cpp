@@ -153,38 +153,52 @@ std::pair<Tensor, Tensor> target_logits(const LossInputs& in) {
   return {z_ids, z_label};
 }
 
-// The log-sum-exp of z = softcap(u) / tau over the vocabulary, per token: [N] double.
+// Tile `tile` of a chunk's stored logits: a contiguous [rows, cols] block of `store`
+// (tiles laid end to end, so each is what the BLAS calls want).
+inline Tensor stored_tile(const Tensor& store, int64_t tile, int64_t rows, int64_t cols) {
+  return store.narrow(0, tile * rows * kTileVocab, rows * cols).view({rows, cols});
+}
+
+// The log-sum-exp of z = softcap(u) / tau over the vocabulary for token rows
+// [c0, c0 + rows), into out[c0 ...]. With `store` defined ([rows * V] elements) every z tile
+// is also kept there, for the single-pass backward; otherwise tiles are thread scratch.
+template <typename scalar_t>
+void chunk_lse(const LossInputs& in, int64_t c0, int64_t rows, const Tensor& store,
+               double* out) {
+  const Tensor h = in.h_gemm.narrow(0, c0, rows);
+  const Tensor sha = in.has_lora() ? in.sha_gemm.narrow(0, c0, rows) : Tensor();
+  struct Partial {
+    OnlineLse lse;
+    Tensor logits, scratch;
+  };
+  auto partials = parallel_over_tiles<Partial>(
+      ceil_div(in.vocab, kTileVocab),
+      [&] {
+        return Partial{OnlineLse(rows),
+                       store.defined() ? Tensor() : at::empty({rows * kTileVocab}, in.h.options()),
+                       at::empty({rows * kTileVocab}, in.h.options())};
+      },
+      [&](Partial& p, int64_t tile) {
+        const int64_t v0 = tile * kTileVocab;
+        const int64_t cols = std::min(kTileVocab, in.vocab - v0);
+        Tensor z = store.defined() ? stored_tile(store, tile, rows, cols)
+                                   : scratch_view(p.logits, rows, cols);
+        Tensor scratch = scratch_view(p.scratch, rows, cols);
+        tile_logits(z, h, in.w, sha, in.b, v0, cols);
+        finish_scaled_logits(z, in.softcap, in.temperature);
+        p.lse.template fold<scalar_t>(z, scratch);
+      });
+  std::vector<const OnlineLse*> parts;
+  for (const auto& p : partials) parts.push_back(&p.lse);
+  for (int64_t i = 0; i < rows; ++i) out[c0 + i] = merge_lse(parts, i);
+}
+
+// The log-sum-exp of z over the vocabulary, per token: [N] double.
 template <typename scalar_t>
 Tensor full_lse(const LossInputs& in) {
   Tensor lse = at::empty({in.n}, at::kDouble);
-  double* out = lse.data_ptr<double>();
-  const int64_t n_tiles = ceil_div(in.vocab, kTileVocab);
   for (int64_t c0 = 0; c0 < in.n; c0 += kChunkRows) {
-    const int64_t rows = std::min(kChunkRows, in.n - c0);
-    const Tensor h = in.h_gemm.narrow(0, c0, rows);
-    const Tensor sha = in.has_lora() ? in.sha_gemm.narrow(0, c0, rows) : Tensor();
-    struct Partial {
-      OnlineLse lse;
-      Tensor logits, scratch;
-    };
-    auto partials = parallel_over_tiles<Partial>(
-        n_tiles,
-        [&] {
-          return Partial{OnlineLse(rows), at::empty({rows * kTileVocab}, in.h.options()),
-                         at::empty({rows * kTileVocab}, in.h.options())};
-        },
-        [&](Partial& p, int64_t tile) {
-          const int64_t v0 = tile * kTileVocab;
-          const int64_t cols = std::min(kTileVocab, in.vocab - v0);
-          Tensor z = scratch_view(p.logits, rows, cols);
-          Tensor scratch = scratch_view(p.scratch, rows, cols);
-          tile_logits(z, h, in.w, sha, in.b, v0, cols);
-          finish_scaled_logits(z, in.softcap, in.temperature);
-          p.lse.template fold<scalar_t>(z, scratch);
-        });
-    std::vector<const OnlineLse*> parts;
-    for (const auto& p : partials) parts.push_back(&p.lse);
-    for (int64_t i = 0; i < rows; ++i) out[c0 + i] = merge_lse(parts, i);
+    chunk_lse<scalar_t>(in, c0, std::min(kChunkRows, in.n - c0), Tensor(), lse.data_ptr<double>());
   }
   return lse;
 }
@@ -232,37 +246,60 @@ double topk_kl_row(const double* z_ids, const double* lp, int64_t k, double lse,
   return kl;
 }
 
-// Per-token gradient coefficients of G = dL/du (before the soft-cap factor):
-// G[n, v] = dense[n] q[n, v] + corr[n, j] at v = ids[n, j] + label_corr[n] at v = labels[n].
-struct GradCoefficients {
-  Tensor dense, corr, label_corr;  // compute dtype: [N], [N, k], [N]
+// One token's loss (top-k KL + CE) and its gradient coefficients for a loss weight
+// `grad` (0: forward only): G = dL/du (before the soft-cap factor) is
+// G[v] = dense q[v] + corr[j] at v = ids[j] + label_corr at v = label. `corr` may be null.
+struct TokenTerms {
+  double loss = 0.0, dense = 0.0, label_corr = 0.0;
 };
 
-GradCoefficients grad_coefficients(const LossInputs& in, const Tensor& grad_loss,
-                                   const Tensor& lse, const Tensor& z_ids,
-                                   const Tensor& z_label) {
-  Tensor dense = at::zeros({in.n}, at::kDouble);
-  Tensor corr = at::zeros({in.n, in.k}, at::kDouble);
-  Tensor label_corr = at::zeros({in.n}, at::kDouble);
-  const double* gl = grad_loss.data_ptr<double>();
-  const double* lse_p = lse.data_ptr<double>();
-  at::parallel_for(0, in.n, 64, [&](int64_t begin, int64_t end) {
+TokenTerms token_terms(const LossInputs& in, int64_t row, double lse, const double* z_ids,
+                       double z_label, double grad, double* corr) {
+  TokenTerms t;
+  if (!in.counted(row)) {  // exactly 0, with no gradient, for ignored tokens
+    if (corr) std::fill(corr, corr + in.k, 0.0);
+    return t;
+  }
+  const double g = grad / in.temperature;
+  double c = 0.0;
+  t.loss = topk_kl_row(z_ids, in.lp.data_ptr<double>() + row * in.k, in.k, lse, in.tail, &c,
+                       corr);
+  if (corr) {
+    for (int64_t j = 0; j < in.k; ++j) corr[j] *= g;
+  }
+  if (in.has_ce()) {
+    t.loss += in.ce_weight * (lse - z_label);
+    c += in.ce_weight;
+    t.label_corr = -in.ce_weight * g;
+  }
+  t.dense = c * g;
+  return t;
+}
+
+// Per-token gradient coefficients of G = dL/du (see token_terms), in double.
+struct GradCoefficients {
+  Tensor dense, corr, label_corr;  // [N], [N, k], [N]
+  explicit GradCoefficients(const LossInputs& in)
+      : dense(at::zeros({in.n}, at::kDouble)),
+        corr(at::zeros({in.n, in.k}, at::kDouble)),
+        label_corr(at::zeros({in.n}, at::kDouble)) {}
+};
+
+// Fills the coefficients of token rows [c0, c0 + rows) from their lse; writes their loss
+// too when `loss` is not null.
+void fill_grad_coefficients(const LossInputs& in, const double* grad_loss, const double* lse,
+                            const Tensor& z_ids, const Tensor& z_label, int64_t c0, int64_t rows,
+                            GradCoefficients& coef, double* loss) {
+  at::parallel_for(c0, c0 + rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      if (!in.counted(row)) continue;  // loss is exactly 0: no gradient
-      const double g = gl[row] / in.temperature;
-      double* corr_row = corr.data_ptr<double>() + row * in.k;
-      double c = 0.0;
-      topk_kl_row(z_ids.data_ptr<double>() + row * in.k, in.lp.data_ptr<double>() + row * in.k,
-                  in.k, lse_p[row], in.tail, &c, corr_row);
-      for (int64_t j = 0; j < in.k; ++j) corr_row[j] *= g;
-      if (in.has_ce()) {
-        c += in.ce_weight;
-        label_corr.data_ptr<double>()[row] = -in.ce_weight * g;
-      }
-      dense.data_ptr<double>()[row] = c * g;
+      const TokenTerms t = token_terms(in, row, lse[row], z_ids.data_ptr<double>() + row * in.k,
+                                       z_label.data_ptr<double>()[row], grad_loss[row],
+                                       coef.corr.data_ptr<double>() + row * in.k);
+      coef.dense.data_ptr<double>()[row] = t.dense;
+      coef.label_corr.data_ptr<double>()[row] = t.label_corr;
+      if (loss) loss[row] = t.loss;
     }
   });
-  return {dense.to(in.dtype), corr.to(in.dtype), label_corr.to(in.dtype)};
 }
 
 // One sparse term of the gradient tile: g[row, col] += value.
@@ -279,12 +316,13 @@ std::vector<std::vector<Correction<scalar_t>>> bucket_corrections(
     const LossInputs& in, const GradCoefficients& coef, int64_t c0, int64_t rows) {
   std::vector<std::vector<Correction<scalar_t>>> buckets(ceil_div(in.vocab, kTileVocab));
   const int64_t* ids = in.ids.data_ptr<int64_t>();
-  const scalar_t* corr = coef.corr.data_ptr<scalar_t>();
-  const scalar_t* label_corr = coef.label_corr.data_ptr<scalar_t>();
+  const double* corr = coef.corr.data_ptr<double>();
+  const double* label_corr = coef.label_corr.data_ptr<double>();
   const int64_t* labels = in.has_ce() ? in.labels.data_ptr<int64_t>() : nullptr;
-  auto add = [&](int64_t i, int64_t v, scalar_t value) {
-    buckets[v / kTileVocab].push_back(
-        {static_cast<int32_t>(i), static_cast<int32_t>(v % kTileVocab), value});
+  auto add = [&](int64_t i, int64_t v, double value) {
+    buckets[v / kTileVocab].push_back({static_cast<int32_t>(i),
+                                       static_cast<int32_t>(v % kTileVocab),
+                                       static_cast<scalar_t>(value)});
   };
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = c0 + i;
@@ -298,18 +336,41 @@ struct Grads {
   Tensor h, w, a, b;  // compute dtype; w undefined unless needed, a/b without LoRA
 };
 
+Grads zero_grads(const LossInputs& in, bool needs_weight_grad) {
+  Grads grads;
+  grads.h = at::zeros({in.n, in.d}, in.h.options());
+  if (needs_weight_grad) grads.w = at::zeros({in.vocab, in.d}, in.h.options());
+  if (in.has_lora()) {
+    grads.a = at::zeros_like(in.a);
+    grads.b = at::zeros_like(in.b);
+  }
+  return grads;
+}
+
+// The op outputs (dh, dW, dA, dB) in the inputs' dtypes; an empty tensor for a gradient not
+// computed (distinct empties: outputs of an op must not alias each other).
+std::tuple<Tensor, Tensor, Tensor, Tensor> grads_as_outputs(
+    const Grads& grads, const Tensor& hidden, const Tensor& weight,
+    const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b) {
+  return {grads.h.to(hidden.scalar_type()),
+          grads.w.defined() ? grads.w.to(weight.scalar_type()) : weight.new_empty({0}),
+          grads.a.defined() ? grads.a.to(lora_a->scalar_type()) : hidden.new_empty({0}),
+          grads.b.defined() ? grads.b.to(lora_b->scalar_type()) : hidden.new_empty({0})};
+}
+
 // One chunk of the backward: vocabulary tiles over threads; each thread accumulates its
-// own dh / (G B) partials, dW and dB rows belong to exactly one tile (no races).
+// own dh / (G B) partials, dW and dB rows belong to exactly one tile (no races). The z tiles
+// come from `store` when the single pass kept them, else they are recomputed.
 template <typename scalar_t>
 void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Tensor& lse,
-                    int64_t c0, int64_t rows, Grads& grads) {
+                    int64_t c0, int64_t rows, const Tensor& store, Grads& grads) {
   const Tensor h = in.h.narrow(0, c0, rows);
   const Tensor sha = in.has_lora() ? in.sha.narrow(0, c0, rows) : Tensor();
   const Tensor h_gemm = in.h_gemm.narrow(0, c0, rows);
   const Tensor sha_gemm = in.has_lora() ? in.sha_gemm.narrow(0, c0, rows) : Tensor();
   const auto corrections = bucket_corrections<scalar_t>(in, coef, c0, rows);
-  const Tensor lse_c = lse.narrow(0, c0, rows).unsqueeze(1);
-  const Tensor dense_c = coef.dense.narrow(0, c0, rows).unsqueeze(1);
+  const Tensor lse_c = lse.narrow(0, c0, rows).to(in.dtype).unsqueeze(1);
+  const Tensor dense_c = coef.dense.narrow(0, c0, rows).to(in.dtype).unsqueeze(1);
   const int64_t r = in.has_lora() ? in.a.size(0) : 0;
   struct Partial {
     Tensor dh, gb, logits, g;
@@ -319,25 +380,26 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
       [&] {
         return Partial{at::zeros({rows, in.d}, in.h.options()),
                        r ? at::zeros({rows, r}, in.h.options()) : Tensor(),
-                       at::empty({rows * kTileVocab}, in.h.options()),
+                       store.defined() ? Tensor() : at::empty({rows * kTileVocab}, in.h.options()),
                        at::empty({rows * kTileVocab}, in.h.options())};
       },
       [&](Partial& p, int64_t tile) {
         const int64_t v0 = tile * kTileVocab;
         const int64_t cols = std::min(kTileVocab, in.vocab - v0);
-        Tensor u = scratch_view(p.logits, rows, cols);
-        Tensor g = scratch_view(p.g, rows, cols);
-        tile_logits(u, h_gemm, in.w, sha_gemm, in.b, v0, cols);
-        if (in.softcap > 0) {
-          u.tanh_();  // t = tanh(u / c); z = c t / tau
-          at::mul_out(g, u, in.softcap / in.temperature).sub_(lse_c);
-        } else {
-          at::sub_out(g, u, lse_c);  // u already is z
+        Tensor z = store.defined() ? stored_tile(store, tile, rows, cols)
+                                   : scratch_view(p.logits, rows, cols);
+        if (!store.defined()) {
+          tile_logits(z, h_gemm, in.w, sha_gemm, in.b, v0, cols);
+          finish_scaled_logits(z, in.softcap, in.temperature);
         }
-        g.exp_().mul_(dense_c);  // dense part: coefficient * q
+        Tensor g = scratch_view(p.g, rows, cols);
+        at::sub_out(g, z, lse_c).exp_().mul_(dense_c);  // dense part: coefficient * q
         scalar_t* g_ptr = g.data_ptr<scalar_t>();
         for (const auto& c : corrections[tile]) g_ptr[c.row * cols + c.col] += c.value;
-        if (in.softcap > 0) g.mul_(u.mul_(u).neg_().add_(1.0));  // d softcap / du = 1 - t^2
+        if (in.softcap > 0) {  // d softcap / du = 1 - t^2 with t = tanh(u / c) = z tau / c
+          Tensor t = z.mul_(in.temperature / in.softcap);
+          g.mul_(t.mul_(t).neg_().add_(1.0));
+        }
         p.dh.addmm_(g, in.w.narrow(0, v0, cols));
         if (r) p.gb.addmm_(g, in.b.narrow(0, v0, cols));
         if (grads.w.defined()) grads.w.narrow(0, v0, cols).addmm_(g.t(), h);
@@ -353,6 +415,16 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
     dh.addmm_(gb, in.a, 1.0, in.scale);                // dh += s (G B) A
     grads.a.addmm_(gb.t(), h, 1.0, in.scale);          // dA += s (G B)^T h
   }
+}
+
+// Token rows per chunk of the single-pass forward + backward, whose z tiles [rows, V] are
+// kept between the lse pass and the gradient pass: at most 32 MiB of them. Tests shrink the
+// budget with PDENGINE_CPU_CHUNK_BYTES to cover several chunks and a short last one.
+int64_t single_pass_chunk_rows(const LossInputs& in) {
+  int64_t budget = int64_t{32} << 20;
+  if (const char* env = std::getenv("PDENGINE_CPU_CHUNK_BYTES")) budget = std::atoll(env);
+  const int64_t per_row = in.vocab * static_cast<int64_t>(c10::elementSize(in.dtype));
+  return std::max<int64_t>(1, std::min(in.n, budget / per_row));
 }
 
 }  // namespace
@@ -374,14 +446,10 @@ std::tuple<Tensor, Tensor> linear_topk_kl_cpu(
     double* out = loss.data_ptr<double>();
     at::parallel_for(0, in.n, 64, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        if (!in.counted(row)) continue;  // exactly 0 for ignored tokens
-        const double lse_row = lse.data_ptr<double>()[row];
-        double dense = 0.0;
-        double value = topk_kl_row(z_ids.data_ptr<double>() + row * in.k,
-                                   in.lp.data_ptr<double>() + row * in.k, in.k, lse_row,
-                                   in.tail, &dense, nullptr);
-        if (in.has_ce()) value += in.ce_weight * (lse_row - z_label.data_ptr<double>()[row]);
-        out[row] = value;
+        out[row] = token_terms(in, row, lse.data_ptr<double>()[row],
+                               z_ids.data_ptr<double>() + row * in.k,
+                               z_label.data_ptr<double>()[row], 0.0, nullptr)
+                       .loss;
       }
     });
   });
@@ -407,26 +475,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_topk_kl_backward_cpu(
   c10::NoGradGuard no_grad;
   const Tensor gl = grad_loss.detach().reshape({in.n}).to(at::kDouble).contiguous();
   const Tensor lse_d = lse.detach().reshape({in.n}).to(at::kDouble).contiguous();
-  const Tensor lse_c = lse_d.to(in.dtype);
-  Grads grads;
-  grads.h = at::zeros({in.n, in.d}, in.h.options());
-  if (needs_weight_grad) grads.w = at::zeros({in.vocab, in.d}, in.h.options());
-  if (in.has_lora()) {
-    grads.a = at::zeros_like(in.a);
-    grads.b = at::zeros_like(in.b);
-  }
+  Grads grads = zero_grads(in, needs_weight_grad);
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_topk_kl_backward_cpu", [&] {
     auto [z_ids, z_label] = target_logits<scalar_t>(in);
-    const GradCoefficients coef = grad_coefficients(in, gl, lse_d, z_ids, z_label);
+    GradCoefficients coef(in);
+    fill_grad_coefficients(in, gl.data_ptr<double>(), lse_d.data_ptr<double>(), z_ids, z_label, 0,
+                           in.n, coef, nullptr);
     for (int64_t c0 = 0; c0 < in.n; c0 += kChunkRows) {
-      backward_chunk<scalar_t>(in, coef, lse_c, c0, std::min(kChunkRows, in.n - c0), grads);
+      backward_chunk<scalar_t>(in, coef, lse_d, c0, std::min(kChunkRows, in.n - c0), Tensor(),
+                               grads);
     }
   });
-  // distinct empty tensors: outputs of an op must not alias each other
-  return {grads.h.to(hidden.scalar_type()),
-          needs_weight_grad ? grads.w.to(weight.scalar_type()) : weight.new_empty({0}),
-          in.has_lora() ? grads.a.to(lora_a->scalar_type()) : hidden.new_empty({0}),
-          in.has_lora() ? grads.b.to(lora_b->scalar_type()) : hidden.new_empty({0})};
+  return grads_as_outputs(grads, hidden, weight, lora_a, lora_b);
+}
+
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_topk_kl_forward_backward_cpu(
+    const Tensor& grad_loss, const Tensor& hidden, const Tensor& weight,
+    const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
+    const Tensor& teacher_ids, const Tensor& teacher_logprobs,
+    const std::optional<Tensor>& labels, double lora_scale, double temperature, double softcap,
+    bool tail, double ce_weight, int64_t ignore_index, bool needs_weight_grad) {
+  const LossInputs in = prepare(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs,
+                                labels, lora_scale, temperature, softcap, tail, ce_weight,
+                                ignore_index);
+  check_floating(grad_loss, "grad_loss");
+  TORCH_CHECK_VALUE(grad_loss.numel() == in.n, "grad_loss must have N=", in.n,
+                    " elements, got shape ", grad_loss.sizes());
+  c10::NoGradGuard no_grad;
+  const Tensor gl = grad_loss.detach().reshape({in.n}).to(at::kDouble).contiguous();
+  Tensor loss = at::zeros({in.n}, at::kDouble);
+  Tensor lse = at::empty({in.n}, at::kDouble);
+  Grads grads = zero_grads(in, needs_weight_grad);
+  GradCoefficients coef(in);
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_topk_kl_forward_backward_cpu", [&] {
+    auto [z_ids, z_label] = target_logits<scalar_t>(in);
+    const int64_t chunk = single_pass_chunk_rows(in);
+    const Tensor store = at::empty({chunk * in.vocab}, in.h.options());
+    for (int64_t c0 = 0; c0 < in.n; c0 += chunk) {
+      const int64_t rows = std::min(chunk, in.n - c0);
+      chunk_lse<scalar_t>(in, c0, rows, store, lse.data_ptr<double>());
+      fill_grad_coefficients(in, gl.data_ptr<double>(), lse.data_ptr<double>(), z_ids, z_label,
+                             c0, rows, coef, loss.data_ptr<double>());
+      backward_chunk<scalar_t>(in, coef, lse, c0, rows, store, grads);
+    }
+  });
+  auto [gh, gw, ga, gb] = grads_as_outputs(grads, hidden, weight, lora_a, lora_b);
+  return {loss.to(at::kFloat), gh, gw, ga, gb};
 }
 
 }  // namespace pdengine

@@ -18,6 +18,12 @@ TORCH_LIBRARY(pdengine, m) {
       "float lora_scale, float temperature, float softcap, bool tail, float ce_weight, "
       "int ignore_index, bool needs_weight_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "linear_topk_kl_forward_backward(Tensor grad_loss, Tensor hidden, Tensor weight, "
+      "Tensor? lora_a, Tensor? lora_b, Tensor teacher_ids, Tensor teacher_logprobs, "
+      "Tensor? labels, float lora_scale, float temperature, float softcap, bool tail, "
+      "float ce_weight, int ignore_index, bool needs_weight_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
       "Tensor? bias, float dropout, int seed) -> Tensor");
   m.def(
@@ -31,6 +37,7 @@ TORCH_LIBRARY(pdengine, m) {
 TORCH_LIBRARY_IMPL(pdengine, CPU, m) {
   m.impl("linear_topk_kl", &pdengine::linear_topk_kl_cpu);
   m.impl("linear_topk_kl_backward", &pdengine::linear_topk_kl_backward_cpu);
+  m.impl("linear_topk_kl_forward_backward", &pdengine::linear_topk_kl_forward_backward_cpu);
   m.impl("lora_linear", &pdengine::lora_linear_cpu);
   m.impl("lora_linear_backward", &pdengine::lora_linear_backward_cpu);
   m.impl("teacher_topk", &pdengine::teacher_topk_cpu);

@@ -531,6 +531,21 @@ def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_i
                          needs_weight_grad)
 
 
+
+def linear_topk_kl_forward_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
+                                    teacher_logprobs, labels, lora_scale, temperature, softcap,
+                                    tail, ce_weight, ignore_index, needs_weight_grad):
+    """(loss, grad_hidden, grad_weight, grad_lora_a, grad_lora_b) for a grad_loss known up
+    front: here the forward and backward launches back to back (the backward recomputes the
+    logit tiles), where the C++ backend keeps them between its two passes."""
+    loss, lse = linear_topk_kl(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs,
+                               labels, lora_scale, temperature, softcap, tail, ce_weight,
+                               ignore_index)
+    grads = linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
+                                    teacher_logprobs, labels, lse, lora_scale, temperature,
+                                    softcap, tail, ce_weight, ignore_index, needs_weight_grad)
+    return (loss, *grads)
+
 def _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, dh, dw, gb, db, needs_weight_grad):
     """The LoRA terms through (G B): dh += s (G B) A, dA = s (G B)^T h; cast to input dtypes."""
     grad_a, grad_b = hidden.new_empty(0), hidden.new_empty(0)  # distinct: outputs must not alias

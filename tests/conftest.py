@@ -26,7 +26,8 @@ def backend_op(backend: str, name: str):
     if backend == "triton":
         from importlib import import_module
 
-        return getattr(import_module(f"pdengine.kernels.{name.removesuffix('_backward')}"), name)
+        module = next(op for op in ("linear_topk_kl", "lora_linear", "teacher_topk") if name.startswith(op))
+        return getattr(import_module(f"pdengine.kernels.{module}"), name)
     if backend == "cpp":
         if not _library.HAS_CPP:
             pytest.fail("the C++ extension pdengine._C is not built (run ./run.sh test)")

@@ -94,28 +94,37 @@ def _assert_close(name, got, want, tol, scale=0.0):
     assert err <= tol * scale + 1e-9, f"{name}: max error {err:.3g} vs max |ref| {scale:.3g}"
 
 
+@pytest.mark.parametrize("passes", ["two", "single"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_reference(backend, case):
+def test_kernel_matches_reference(backend, case, passes, monkeypatch):
+    """passes="two": the forward op, then the backward op from its lse. passes="single":
+    linear_topk_kl_forward_backward, with the C++ chunk budget shrunk so that the N = 37
+    tokens take several chunks and a short last one."""
     k, mode, temp, cap, lora, ce, ignored, teacher, dtype, wgrad = CASES[case]
     device = backend_device(backend)
-    fwd, bwd = backend_op(backend, "linear_topk_kl"), backend_op(backend, "linear_topk_kl_backward")
     x = _make_inputs(k, temp, cap, lora, ignored, teacher, dtype, device)
     labels = x["labels"] if (ce or ignored) else None
     if labels is None:
         x["labels"] = torch.randint(0, V, (N,), device=device)  # reference: no label counts as kept
     args = (x["hidden"], x["weight"], x["lora_a"], x["lora_b"], x["ids"], x["lp"], labels, 0.5,
             temp, cap, mode == "tail", ce, -100)
-    loss, lse = fwd(*args)
     grad_loss = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(device)
-    grads = bwd(grad_loss, *args[:7], lse, *args[7:], wgrad)
+    if passes == "two":
+        loss, lse = backend_op(backend, "linear_topk_kl")(*args)
+        grads = backend_op(backend, "linear_topk_kl_backward")(grad_loss, *args[:7], lse, *args[7:], wgrad)
+    else:
+        monkeypatch.setenv("PDENGINE_CPU_CHUNK_BYTES", str(16 * V * 8))  # 16 or 32 token rows
+        loss, *grads = backend_op(backend, "linear_topk_kl_forward_backward")(grad_loss, *args, wgrad)
 
     ref_loss, ref_grads = _reference(x, mode, temp, cap, ce if labels is not None else 0.0, wgrad, grad_loss)
     tol = TOL[dtype]
-    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
+    assert loss.dtype == torch.float32
     u = reference.student_logits(x["hidden"].cpu().double(), x["weight"].cpu().double(), *(
         (x["lora_a"].cpu().double(), x["lora_b"].cpu().double(), 0.5) if lora else ()), softcap=cap or None)
     ref_lse = torch.logsumexp(u / temp, dim=-1)
-    _assert_close("lse", lse, ref_lse, tol)
+    if passes == "two":
+        assert lse.dtype == torch.float32
+        _assert_close("lse", lse, ref_lse, tol)
     _assert_close("loss", loss, ref_loss, tol, scale=ref_lse.abs().max().item())
     if ignored:
         assert bool((loss.cpu()[x["labels"].cpu() == -100] == 0).all()), "ignored tokens must have loss 0"
@@ -197,6 +206,46 @@ def test_public_api_autograd_matches_reference(reduction):
     (want * weights).sum().backward()
     for n in trainable:
         torch.testing.assert_close(ours[n].grad.double(), ref[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_single_pass_and_two_pass_agree():
+    """A reduced loss with grad enabled takes the single pass; reduction="none" + sum takes
+    forward + backward. Same value and gradients, a scaled grad_out included."""
+    x = _api_inputs(lead=(40,), v=300)
+    kw = dict(lora_scale=0.5, temperature=2.0, softcap=4.0, ce_weight=0.25)
+    trainable = ("hidden", "weight", "lora_a", "lora_b")
+    results = []
+    for reduction in ("mean", "none"):
+        leaves = {n: (x[n].clone().requires_grad_(True) if n in trainable else x[n]) for n in x}
+        loss = pdengine.linear_topk_kl(**leaves, **kw, reduction=reduction)
+        if reduction == "none":
+            loss = loss.sum() / (x["labels"] != -100).sum()
+        (3.0 * loss).backward()
+        results.append((loss.detach(), [leaves[n].grad for n in trainable]))
+    (single, single_grads), (two, two_grads) = results
+    torch.testing.assert_close(single, two)
+    for name, a, b in zip(trainable, single_grads, two_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_single_pass_only_when_gradients_are_wanted(monkeypatch):
+    """No gradient work under no_grad, with nothing trainable, or for reduction="none"."""
+    calls = []
+    real = torch.ops.pdengine.linear_topk_kl_forward_backward
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.pdengine, "linear_topk_kl_forward_backward", spy)
+    x = _api_inputs()
+    pdengine.linear_topk_kl(**x)  # nothing requires grad
+    with torch.no_grad():
+        pdengine.linear_topk_kl(**{**x, "hidden": x["hidden"].requires_grad_(True)})
+    pdengine.linear_topk_kl(**x, reduction="none")
+    assert not calls
+    pdengine.linear_topk_kl(**x).backward()
+    assert calls == [1]
 
 
 def test_public_api_frozen_weight_and_module():
@@ -293,15 +342,19 @@ def test_opcheck(lora, labels):
     bwd_args = (torch.ones_like(loss), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]],
                 lse.detach(), *args[7:], True)
     torch.library.opcheck(torch.ops.pdengine.linear_topk_kl_backward.default, bwd_args)
+    torch.library.opcheck(torch.ops.pdengine.linear_topk_kl_forward_backward.default,
+                          (bwd_args[0], *bwd_args[1:8], *bwd_args[9:]))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(reduction):
+    """Both paths trace: the single pass (a reduced loss) and forward + backward."""
     x = _api_inputs()
     for n in ("hidden", "lora_a", "lora_b"):
         x[n].requires_grad_(True)
 
     def step(**kw):
-        return pdengine.linear_topk_kl(**kw, temperature=2.0, ce_weight=0.5)
+        return pdengine.linear_topk_kl(**kw, temperature=2.0, ce_weight=0.5, reduction=reduction).sum()
 
     # aot_eager traces exactly what inductor traces (dynamo + AOT autograd through the fake
     # kernel and the registered autograd); inductor itself also works here but spends
@@ -328,8 +381,11 @@ def _largest_allocation(fn):
     return max(sizes, default=0)
 
 
-def test_no_logits_sized_allocation():
-    """Forward + backward through the public API never allocates an [N, V] tensor.
+def test_no_logits_sized_allocation(monkeypatch):
+    """Forward + backward through the public API never allocates an [N, V] tensor, in the
+    two-pass path (reduction="none") nor in the single pass (reduced loss), whose kept
+    logit tiles are bounded by PDENGINE_CPU_CHUNK_BYTES (32 MiB by default; shrunk here
+    to an eighth of [N, V], as a long batch would face the default).
 
     Shapes make N*V far larger than every legitimate buffer (W and its grad are V*d, the
     hidden grad N*d), and the reference run on the same inputs proves the measurement
@@ -340,9 +396,11 @@ def test_no_logits_sized_allocation():
     for name in ("hidden", "weight", "lora_a", "lora_b"):
         x[name].requires_grad_(True)
     logits_bytes = n * v * 4
+    monkeypatch.setenv("PDENGINE_CPU_CHUNK_BYTES", str(logits_bytes // 8))
 
     def fused():
         pdengine.linear_topk_kl(**x, ce_weight=0.5, validate=False).backward()
+        pdengine.linear_topk_kl(**x, ce_weight=0.5, validate=False, reduction="none").sum().backward()
 
     def materialized():
         reference.linear_topk_kl(**x, ce_weight=0.5).backward()

@@ -32,6 +32,13 @@ SCHEMAS = {
         "float lora_scale, float temperature, float softcap, bool tail, float ce_weight, "
         "int ignore_index, bool needs_weight_grad) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
+    "linear_topk_kl_forward_backward": (
+        "linear_topk_kl_forward_backward(Tensor grad_loss, Tensor hidden, Tensor weight, "
+        "Tensor? lora_a, Tensor? lora_b, Tensor teacher_ids, Tensor teacher_logprobs, "
+        "Tensor? labels, float lora_scale, float temperature, float softcap, bool tail, "
+        "float ce_weight, int ignore_index, bool needs_weight_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
     "lora_linear": (
         "lora_linear(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
         "Tensor? bias, float dropout, int seed) -> Tensor"
