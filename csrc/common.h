@@ -132,15 +132,19 @@ struct OnlineLse {
   explicit OnlineLse(int64_t rows)
       : max(rows, -std::numeric_limits<double>::infinity()), sum(rows, 0.0) {}
 
-  // Folds a tile z [rows, cols] in; `scratch` is a same-shaped buffer it may overwrite.
+  // Folds a tile z [rows, cols] in. `out` (same shape, may be z itself) receives
+  // exp(z - offset) with offset = the running max after this tile, which is also written to
+  // `offsets` (rows values) when that is not null.
   template <typename scalar_t>
-  void fold(const Tensor& z, Tensor& scratch) {
+  void fold(const Tensor& z, Tensor& out, scalar_t* offsets = nullptr) {
     const int64_t rows = z.size(0);
     Tensor tile_max = at::amax(z, {1});
     const scalar_t* tmax = tile_max.data_ptr<scalar_t>();
     Tensor new_max = at::empty({rows, 1}, z.options());
     scalar_t* nmax = new_max.data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i) nmax[i] = std::max<double>(max[i], tmax[i]);
+    if (offsets) std::copy(nmax, nmax + rows, offsets);
+    Tensor& scratch = out;
     at::sub_out(scratch, z, new_max).exp_();  // vectorized exp over the tile
     Tensor tile_sum = scratch.sum(1);
     const scalar_t* tsum = tile_sum.data_ptr<scalar_t>();

@@ -153,20 +153,28 @@ std::pair<Tensor, Tensor> target_logits(const LossInputs& in) {
   return {z_ids, z_label};
 }
 
-// Tile `tile` of a chunk's stored logits: a contiguous [rows, cols] block of `store`
-// (tiles laid end to end, so each is what the BLAS calls want).
-inline Tensor stored_tile(const Tensor& store, int64_t tile, int64_t rows, int64_t cols) {
-  return store.narrow(0, tile * rows * kTileVocab, rows * cols).view({rows, cols});
-}
+// A chunk's logit tiles, kept by the single pass between its lse pass and its gradient
+// pass. Without a soft-cap they hold exp(z - offset), offset being the running max the lse
+// fold used for that row and tile, so the gradient pass needs no second exp:
+// q = exp(z - offset) exp(offset - lse). With a soft-cap they hold z, which the soft-cap
+// derivative needs.
+struct KeptTiles {
+  Tensor tiles;    // [rows * V]: tile t is a contiguous [rows, cols] block (what BLAS wants)
+  Tensor offsets;  // [n_tiles, rows]; undefined when the tiles hold z
+
+  Tensor tile(int64_t t, int64_t rows, int64_t cols) const {
+    return tiles.narrow(0, t * rows * kTileVocab, rows * cols).view({rows, cols});
+  }
+};
 
 // The log-sum-exp of z = softcap(u) / tau over the vocabulary for token rows
-// [c0, c0 + rows), into out[c0 ...]. With `store` defined ([rows * V] elements) every z tile
-// is also kept there, for the single-pass backward; otherwise tiles are thread scratch.
+// [c0, c0 + rows), into out[c0 ...]. With `kept`, every tile also stays in kept->tiles for
+// the gradient pass; otherwise tiles are thread scratch.
 template <typename scalar_t>
-void chunk_lse(const LossInputs& in, int64_t c0, int64_t rows, const Tensor& store,
-               double* out) {
+void chunk_lse(const LossInputs& in, int64_t c0, int64_t rows, KeptTiles* kept, double* out) {
   const Tensor h = in.h_gemm.narrow(0, c0, rows);
   const Tensor sha = in.has_lora() ? in.sha_gemm.narrow(0, c0, rows) : Tensor();
+  const bool keep_exp = kept && kept->offsets.defined();
   struct Partial {
     OnlineLse lse;
     Tensor logits, scratch;
@@ -175,18 +183,21 @@ void chunk_lse(const LossInputs& in, int64_t c0, int64_t rows, const Tensor& sto
       ceil_div(in.vocab, kTileVocab),
       [&] {
         return Partial{OnlineLse(rows),
-                       store.defined() ? Tensor() : at::empty({rows * kTileVocab}, in.h.options()),
-                       at::empty({rows * kTileVocab}, in.h.options())};
+                       kept ? Tensor() : at::empty({rows * kTileVocab}, in.h.options()),
+                       keep_exp ? Tensor() : at::empty({rows * kTileVocab}, in.h.options())};
       },
       [&](Partial& p, int64_t tile) {
         const int64_t v0 = tile * kTileVocab;
         const int64_t cols = std::min(kTileVocab, in.vocab - v0);
-        Tensor z = store.defined() ? stored_tile(store, tile, rows, cols)
-                                   : scratch_view(p.logits, rows, cols);
-        Tensor scratch = scratch_view(p.scratch, rows, cols);
+        Tensor z = kept ? kept->tile(tile, rows, cols) : scratch_view(p.logits, rows, cols);
         tile_logits(z, h, in.w, sha, in.b, v0, cols);
         finish_scaled_logits(z, in.softcap, in.temperature);
-        p.lse.template fold<scalar_t>(z, scratch);
+        if (keep_exp) {
+          p.lse.template fold<scalar_t>(z, z, kept->offsets.data_ptr<scalar_t>() + tile * rows);
+        } else {
+          Tensor scratch = scratch_view(p.scratch, rows, cols);
+          p.lse.template fold<scalar_t>(z, scratch);
+        }
       });
   std::vector<const OnlineLse*> parts;
   for (const auto& p : partials) parts.push_back(&p.lse);
@@ -198,7 +209,7 @@ template <typename scalar_t>
 Tensor full_lse(const LossInputs& in) {
   Tensor lse = at::empty({in.n}, at::kDouble);
   for (int64_t c0 = 0; c0 < in.n; c0 += kChunkRows) {
-    chunk_lse<scalar_t>(in, c0, std::min(kChunkRows, in.n - c0), Tensor(), lse.data_ptr<double>());
+    chunk_lse<scalar_t>(in, c0, std::min(kChunkRows, in.n - c0), nullptr, lse.data_ptr<double>());
   }
   return lse;
 }
@@ -359,11 +370,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> grads_as_outputs(
 }
 
 // One chunk of the backward: vocabulary tiles over threads; each thread accumulates its
-// own dh / (G B) partials, dW and dB rows belong to exactly one tile (no races). The z tiles
-// come from `store` when the single pass kept them, else they are recomputed.
+// own dh / (G B) partials, dW and dB rows belong to exactly one tile (no races). The tiles
+// come from `kept` when the single pass kept them, else the logits are recomputed.
 template <typename scalar_t>
 void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Tensor& lse,
-                    int64_t c0, int64_t rows, const Tensor& store, Grads& grads) {
+                    int64_t c0, int64_t rows, const KeptTiles* kept, Grads& grads) {
   const Tensor h = in.h.narrow(0, c0, rows);
   const Tensor sha = in.has_lora() ? in.sha.narrow(0, c0, rows) : Tensor();
   const Tensor h_gemm = in.h_gemm.narrow(0, c0, rows);
@@ -371,6 +382,7 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
   const auto corrections = bucket_corrections<scalar_t>(in, coef, c0, rows);
   const Tensor lse_c = lse.narrow(0, c0, rows).to(in.dtype).unsqueeze(1);
   const Tensor dense_c = coef.dense.narrow(0, c0, rows).to(in.dtype).unsqueeze(1);
+  const bool kept_exp = kept && kept->offsets.defined();
   const int64_t r = in.has_lora() ? in.a.size(0) : 0;
   struct Partial {
     Tensor dh, gb, logits, g;
@@ -380,23 +392,28 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
       [&] {
         return Partial{at::zeros({rows, in.d}, in.h.options()),
                        r ? at::zeros({rows, r}, in.h.options()) : Tensor(),
-                       store.defined() ? Tensor() : at::empty({rows * kTileVocab}, in.h.options()),
-                       at::empty({rows * kTileVocab}, in.h.options())};
+                       kept ? Tensor() : at::empty({rows * kTileVocab}, in.h.options()),
+                       kept_exp ? Tensor() : at::empty({rows * kTileVocab}, in.h.options())};
       },
       [&](Partial& p, int64_t tile) {
         const int64_t v0 = tile * kTileVocab;
         const int64_t cols = std::min(kTileVocab, in.vocab - v0);
-        Tensor z = store.defined() ? stored_tile(store, tile, rows, cols)
-                                   : scratch_view(p.logits, rows, cols);
-        if (!store.defined()) {
-          tile_logits(z, h_gemm, in.w, sha_gemm, in.b, v0, cols);
-          finish_scaled_logits(z, in.softcap, in.temperature);
+        Tensor z, g;  // z: the logits (not with kept exps); g: the gradient tile
+        if (kept_exp) {  // dense * q = exp(z - offset) * dense exp(offset - lse)
+          g = kept->tile(tile, rows, cols);
+          g.mul_(at::sub(kept->offsets[tile].unsqueeze(1), lse_c).exp_().mul_(dense_c));
+        } else {
+          z = kept ? kept->tile(tile, rows, cols) : scratch_view(p.logits, rows, cols);
+          if (!kept) {
+            tile_logits(z, h_gemm, in.w, sha_gemm, in.b, v0, cols);
+            finish_scaled_logits(z, in.softcap, in.temperature);
+          }
+          g = scratch_view(p.g, rows, cols);
+          at::sub_out(g, z, lse_c).exp_().mul_(dense_c);  // dense part: coefficient * q
         }
-        Tensor g = scratch_view(p.g, rows, cols);
-        at::sub_out(g, z, lse_c).exp_().mul_(dense_c);  // dense part: coefficient * q
         scalar_t* g_ptr = g.data_ptr<scalar_t>();
         for (const auto& c : corrections[tile]) g_ptr[c.row * cols + c.col] += c.value;
-        if (in.softcap > 0) {  // d softcap / du = 1 - t^2 with t = tanh(u / c) = z tau / c
+        if (in.softcap > 0) {  // d softcap / du = 1 - t^2, t = tanh(u / c) = z tau / c (z kept)
           Tensor t = z.mul_(in.temperature / in.softcap);
           g.mul_(t.mul_(t).neg_().add_(1.0));
         }
@@ -482,7 +499,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_topk_kl_backward_cpu(
     fill_grad_coefficients(in, gl.data_ptr<double>(), lse_d.data_ptr<double>(), z_ids, z_label, 0,
                            in.n, coef, nullptr);
     for (int64_t c0 = 0; c0 < in.n; c0 += kChunkRows) {
-      backward_chunk<scalar_t>(in, coef, lse_d, c0, std::min(kChunkRows, in.n - c0), Tensor(),
+      backward_chunk<scalar_t>(in, coef, lse_d, c0, std::min(kChunkRows, in.n - c0), nullptr,
                                grads);
     }
   });
@@ -511,13 +528,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_topk_kl_forward_backwa
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_topk_kl_forward_backward_cpu", [&] {
     auto [z_ids, z_label] = target_logits<scalar_t>(in);
     const int64_t chunk = single_pass_chunk_rows(in);
-    const Tensor store = at::empty({chunk * in.vocab}, in.h.options());
+    KeptTiles kept;
+    kept.tiles = at::empty({chunk * in.vocab}, in.h.options());
     for (int64_t c0 = 0; c0 < in.n; c0 += chunk) {
       const int64_t rows = std::min(chunk, in.n - c0);
-      chunk_lse<scalar_t>(in, c0, rows, store, lse.data_ptr<double>());
+      if (in.softcap == 0) kept.offsets = at::empty({ceil_div(in.vocab, kTileVocab), rows}, in.h.options());
+      chunk_lse<scalar_t>(in, c0, rows, &kept, lse.data_ptr<double>());
       fill_grad_coefficients(in, gl.data_ptr<double>(), lse.data_ptr<double>(), z_ids, z_label,
                              c0, rows, coef, loss.data_ptr<double>());
-      backward_chunk<scalar_t>(in, coef, lse, c0, rows, store, grads);
+      backward_chunk<scalar_t>(in, coef, lse, c0, rows, &kept, grads);
     }
   });
   auto [gh, gw, ga, gb] = grads_as_outputs(grads, hidden, weight, lora_a, lora_b);
