@@ -49,6 +49,29 @@ def time_fn(fn, warmup: int = 2, reps: int = 5) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "reps": reps}
 
 
+def time_round_robin(fns: dict, warmup: int = 2, reps: int = 5) -> dict:
+    """time_fn for several implementations whose repetitions take turns (A B C A B C ...),
+    so that a slow stretch of a shared machine hits every implementation alike and the
+    ratios within one run stay fair. Returns name -> time_fn's dict."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "reps": reps}
+    return out
+
+
 def _proc_status_bytes(key: str) -> int:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024

@@ -24,6 +24,9 @@ Implementations (tail mode, temperature 2), each timed twice: with a trainable l
   are installed (CUDA only); skipped with a note otherwise.
 
 Each row: forward, backward and forward+backward medians (p20/p80 in the JSON), TFLOP/s and
+(forward and backward are timed one implementation after the other; forward+backward, the
+figure the targets are about, round-robin over the implementations, so that a slow stretch
+of a shared machine hits all of them alike)
 the peak memory of forward+backward above the inputs (weight and hidden grads included).
 CUDA: max_memory_allocated. CPU: each implementation's peak resident set is measured in a
 fresh subprocess started with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns every freed
@@ -47,7 +50,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import _sync, environment, peak_memory, print_table, save_results, time_fn, tflops
+from common import _sync, environment, peak_memory, print_table, save_results, time_fn, time_round_robin, tflops
 
 import pdengine
 from pdengine import reference
@@ -145,29 +148,38 @@ def time_backward(make_loss, warmup, reps) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
 
 
-def measure(fn, inputs, leaves, warmup, reps, memory_of=None) -> dict:
-    """fwd / bwd / fwd+bwd timings and fwd+bwd peak memory of loss = fn(*inputs).
+def fwd_bwd_step(fn, inputs, leaves):
+    """One forward + backward of loss = fn(*inputs), from cleared gradients."""
 
-    memory_of: a callable returning the peak bytes measured elsewhere (CPU subprocess)."""
-
-    def zero_grads():
+    def step():
         for t in leaves:
             t.grad = None
-
-    def fwd_bwd():
-        zero_grads()
         fn(*inputs).backward()
 
+    return step
+
+
+def measure(fn, inputs, leaves, warmup, reps, memory_of=None, fwd_bwd=True) -> dict:
+    """fwd / bwd / fwd+bwd timings and fwd+bwd peak memory of loss = fn(*inputs).
+
+    memory_of: a callable returning the peak bytes measured elsewhere (CPU subprocess).
+    fwd_bwd=False leaves the fwd+bwd timing to the caller (time_round_robin)."""
+    step = fwd_bwd_step(fn, inputs, leaves)
     fwd = time_fn(lambda: fn(*inputs), warmup, reps)
-    bwd = time_backward(lambda: (zero_grads(), fn(*inputs))[1], warmup, reps)
-    both = time_fn(fwd_bwd, warmup, reps)
-    zero_grads()
-    memory = memory_of() if memory_of is not None else peak_memory(fwd_bwd)
+    bwd = time_backward(lambda: (step_zero(leaves), fn(*inputs))[1], warmup, reps)
+    timings = [("fwd", fwd), ("bwd", bwd)] + ([("fwd_bwd", time_fn(step, warmup, reps))] if fwd_bwd else [])
+    step_zero(leaves)
+    memory = memory_of() if memory_of is not None else peak_memory(step)
     out = {}
-    for tag, t in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", both)):
+    for tag, t in timings:
         out[f"{tag}_ms"], out[f"{tag}_p20_ms"], out[f"{tag}_p80_ms"] = t["median_ms"], t["p20_ms"], t["p80_ms"]
     out["peak_mem_MB"] = memory / 2**20
     return out
+
+
+def step_zero(leaves):
+    for t in leaves:
+        t.grad = None
 
 
 def _flops_row(row, n, d, vocab, weight_grad=True):
@@ -243,6 +255,8 @@ def _memory_child(spec) -> int:
 
 
 def bench_topk_shape(shape, device, warmup, reps, chunk, weight_grad) -> list[dict]:
+    """One row per implementation. fwd and bwd are timed one implementation after the
+    other; fwd+bwd (the number the targets are about) round-robin over all of them."""
     name, n, d, vocab, k, dtype = shape
     inputs = _inputs(n, d, vocab, k, dtype, device, weight_grad)
     leaves = inputs[:2] if weight_grad else inputs[:1]
@@ -251,28 +265,34 @@ def bench_topk_shape(shape, device, warmup, reps, chunk, weight_grad) -> list[di
         print("note:", note, file=sys.stderr)
     with torch.no_grad():
         ref_loss, _ = _run_guarded(lambda: float(naive(*inputs)))
-    rows = []
+    rows, steps = {}, {}
     for impl, fn in impls.items():
         memory_of = None
         if device == "cpu":
             memory_of = lambda: cpu_peak_memory_subprocess(shape, impl, chunk, weight_grad)  # noqa: E731
-        res, err = _run_guarded(lambda: measure(fn, inputs, leaves, warmup, reps, memory_of))
+        res, err = _run_guarded(lambda: measure(fn, inputs, leaves, warmup, reps, memory_of, fwd_bwd=False))
         row = {"shape": name, "impl": impl, "weight_grad": weight_grad, "N": n, "d": d, "V": vocab, "k": k,
                "dtype": str(dtype).removeprefix("torch."), "chunk": chunk if impl == "chunked" else None,
                "backend": _library.backend_info()[device] if impl.startswith("pdengine") else "torch"}
         if err:
             row["error"] = err
         else:
-            row.update(_flops_row(res, n, d, vocab, weight_grad))
+            row.update(res)
             # beyond the hidden (and weight) gradients, which every implementation returns
             grads_mb = sum(t.numel() * t.element_size() for t in leaves) / 2**20
             row["extra_mem_MB"] = row["peak_mem_MB"] - grads_mb
             with torch.no_grad():
                 loss = float(fn(*inputs))
             row["loss_rel_diff"] = abs(loss - ref_loss) / abs(ref_loss) if ref_loss else None
-        rows.append(row)
-        print_table([row], COLUMNS)
-    return rows
+            steps[impl] = fwd_bwd_step(fn, inputs, leaves)
+        rows[impl] = row
+    for impl, t in time_round_robin(steps, warmup, reps).items():
+        row = rows[impl]
+        row["fwd_bwd_ms"], row["fwd_bwd_p20_ms"], row["fwd_bwd_p80_ms"] = t["median_ms"], t["p20_ms"], t["p80_ms"]
+        _flops_row(row, n, d, vocab, weight_grad)
+    step_zero(leaves)
+    print_table(list(rows.values()), COLUMNS)
+    return list(rows.values())
 
 
 def bench_ce_shape(shape, device, warmup, reps) -> list[dict]:

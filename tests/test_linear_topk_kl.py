@@ -208,11 +208,12 @@ def test_public_api_autograd_matches_reference(reduction):
         torch.testing.assert_close(ours[n].grad.double(), ref[n].grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_single_pass_and_two_pass_agree():
+@pytest.mark.parametrize("softcap", [None, 4.0])  # the C++ single pass keeps exps / logits
+def test_single_pass_and_two_pass_agree(softcap):
     """A reduced loss with grad enabled takes the single pass; reduction="none" + sum takes
     forward + backward. Same value and gradients, a scaled grad_out included."""
     x = _api_inputs(lead=(40,), v=300)
-    kw = dict(lora_scale=0.5, temperature=2.0, softcap=4.0, ce_weight=0.25)
+    kw = dict(lora_scale=0.5, temperature=2.0, softcap=softcap, ce_weight=0.25)
     trainable = ("hidden", "weight", "lora_a", "lora_b")
     results = []
     for reduction in ("mean", "none"):

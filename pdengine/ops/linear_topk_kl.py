@@ -281,8 +281,12 @@ class _SinglePassLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_a, grad_b = (g * grad_out.to(g.dtype) if g.numel() else None
-                                          for g in ctx.saved_tensors)
+        grads = ctx.saved_tensors
+        # loss.backward() passes exactly 1: hand the kept gradients over as they are (autograd
+        # then stores them as .grad without a copy). .item() is free: this path is CPU only.
+        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
+            grads = [g * grad_out.to(g.dtype) for g in grads]
+        grad_h, grad_w, grad_a, grad_b = (g if g.numel() else None for g in grads)
         needs = ctx.needs_input_grad
         return (grad_h if needs[0] else None, grad_w if needs[1] else None,
                 grad_a if needs[2] else None, grad_b if needs[3] else None,
