@@ -144,9 +144,8 @@ struct OnlineLse {
     scalar_t* nmax = new_max.data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i) nmax[i] = std::max<double>(max[i], tmax[i]);
     if (offsets) std::copy(nmax, nmax + rows, offsets);
-    Tensor& scratch = out;
-    at::sub_out(scratch, z, new_max).exp_();  // vectorized exp over the tile
-    Tensor tile_sum = scratch.sum(1);
+    at::sub_out(out, z, new_max).exp_();  // vectorized exp over the tile
+    Tensor tile_sum = out.sum(1);
     const scalar_t* tsum = tile_sum.data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i) {
       sum[i] = sum[i] * std::exp(max[i] - nmax[i]) + tsum[i];

@@ -5,6 +5,10 @@
 // deterministically at the end). A logits tile [rows, kTileVocab] is an ATen GEMM on views
 // of the inputs; the [N, V] logits never exist. The per-token top-k terms (O(N k)) use
 // logits at the teacher ids computed by dot products, in double.
+//
+// Three ops: the forward (loss, lse); the backward, which recomputes each logits tile; and
+// the single pass (forward + backward for a grad_loss known up front), which keeps a token
+// chunk's tiles (at most 32 MiB) between its lse pass and its gradient pass instead.
 #include "common.h"
 
 namespace pdengine {

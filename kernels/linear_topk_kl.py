@@ -531,7 +531,6 @@ def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_i
                          needs_weight_grad)
 
 
-
 def linear_topk_kl_forward_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
                                     teacher_logprobs, labels, lora_scale, temperature, softcap,
                                     tail, ce_weight, ignore_index, needs_weight_grad):
@@ -545,6 +544,7 @@ def linear_topk_kl_forward_backward(grad_loss, hidden, weight, lora_a, lora_b, t
                                     teacher_logprobs, labels, lse, lora_scale, temperature,
                                     softcap, tail, ce_weight, ignore_index, needs_weight_grad)
     return (loss, *grads)
+
 
 def _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, dh, dw, gb, db, needs_weight_grad):
     """The LoRA terms through (G B): dh += s (G B) A, dA = s (G B)^T h; cast to input dtypes."""

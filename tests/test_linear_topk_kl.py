@@ -229,6 +229,21 @@ def test_single_pass_and_two_pass_agree(softcap):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_single_pass_backward_through_a_retained_graph():
+    """Three backwards through one graph accumulate exactly three times the gradients."""
+    x = _api_inputs()
+    trainable = ("hidden", "weight", "lora_a", "lora_b")
+    for n in trainable:
+        x[n].requires_grad_(True)
+    loss = pdengine.linear_topk_kl(**x, ce_weight=0.5)
+    loss.backward(retain_graph=True)
+    once = {n: x[n].grad.clone() for n in trainable}
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for n in trainable:
+        torch.testing.assert_close(x[n].grad, 3 * once[n], msg=n)
+
+
 def test_single_pass_only_when_gradients_are_wanted(monkeypatch):
     """No gradient work under no_grad, with nothing trainable, or for reduction="none"."""
     calls = []

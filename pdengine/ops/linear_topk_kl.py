@@ -1,10 +1,16 @@
 """Front-end of the fused lm_head + top-k KL loss (DESIGN.md section 3).
 
-`pdengine::linear_topk_kl` / `pdengine::linear_topk_kl_backward` are custom ops (schemas in
-`_library.SCHEMAS`): CUDA runs the Triton kernels of `kernels/linear_topk_kl.py`, CPU runs
-the C++ kernels of `csrc/` (or, when those are not built, the fallback `_library` picks).
-This module adds the fake kernels, the autograd formula, the argument checks, the
-reductions and the public function / Module.
+`pdengine::linear_topk_kl` / `pdengine::linear_topk_kl_backward` /
+`pdengine::linear_topk_kl_forward_backward` are custom ops (schemas in `_library.SCHEMAS`):
+CUDA runs the Triton kernels of `kernels/linear_topk_kl.py`, CPU runs the C++ kernels of
+`csrc/` (or, when those are not built, the fallback `_library` picks). This module adds the
+fake kernels, the autograd formulas, the argument checks, the reductions and the public
+function / Module.
+
+Two autograd paths. `reduction="none"` (and every CUDA call): the forward op returns the
+per-token loss and lse, the backward op recomputes the logit tiles. A reduced loss on CPU
+that will be differentiated: `_SinglePassLoss` calls the single-pass op with the
+reduction's per-token weights, keeps the gradients, and its backward only scales them.
 
 Input checks. Shapes, dtypes, devices and hyper-parameters are checked on the host for
 free. The value checks (teacher ids and labels inside [0, V), finite teacher log-probs)
@@ -281,12 +287,11 @@ class _SinglePassLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = ctx.saved_tensors
-        # loss.backward() passes exactly 1: hand the kept gradients over as they are (autograd
-        # then stores them as .grad without a copy). .item() is free: this path is CPU only.
-        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
-            grads = [g * grad_out.to(g.dtype) for g in grads]
-        grad_h, grad_w, grad_a, grad_b = (g if g.numel() else None for g in grads)
+        # Always a new tensor, even for grad_out == 1: autograd may store a returned tensor as
+        # .grad itself, and a later in-place accumulation would then corrupt the kept
+        # gradients for another backward through this graph (retain_graph=True).
+        grad_h, grad_w, grad_a, grad_b = (g * grad_out.to(g.dtype) if g.numel() else None
+                                          for g in ctx.saved_tensors)
         needs = ctx.needs_input_grad
         return (grad_h if needs[0] else None, grad_w if needs[1] else None,
                 grad_a if needs[2] else None, grad_b if needs[3] else None,
