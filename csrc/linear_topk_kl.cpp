@@ -126,11 +126,13 @@ double scaled_logit_at(const LossInputs& in, int64_t row, int64_t v) {
   const scalar_t* h = in.h.data_ptr<scalar_t>() + row * in.d;
   const scalar_t* w = in.w.data_ptr<scalar_t>() + v * in.d;
   double u = 0.0;
+#pragma omp simd reduction(+ : u)  // lets the compiler vectorize the double sum
   for (int64_t c = 0; c < in.d; ++c) u += static_cast<double>(h[c]) * w[c];
   if (in.has_lora()) {
     const int64_t r = in.a.size(0);
     const scalar_t* sha = in.sha.data_ptr<scalar_t>() + row * r;
     const scalar_t* b = in.b.data_ptr<scalar_t>() + v * r;
+#pragma omp simd reduction(+ : u)
     for (int64_t c = 0; c < r; ++c) u += static_cast<double>(sha[c]) * b[c];
   }
   return scale_logit(u, in.softcap, in.temperature);
