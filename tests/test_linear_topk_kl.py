@@ -289,6 +289,19 @@ def test_public_api_all_ignored_is_zero_not_nan():
             assert bool((g == 0).all())
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_public_api_empty_batch(reduction):
+    """N = 0 (an empty micro-batch): loss 0, empty hidden grad, zero weight grad."""
+    x = _api_inputs(lead=(0,))
+    for n in ("hidden", "weight", "lora_a", "lora_b"):
+        x[n].requires_grad_(True)
+    loss = pdengine.linear_topk_kl(**x).sum()
+    loss.backward()
+    assert loss.item() == 0.0
+    assert x["hidden"].grad.shape == x["hidden"].shape
+    assert all(bool((x[n].grad == 0).all()) for n in ("weight", "lora_a", "lora_b"))
+
+
 def _bad(**changes):
     x = _api_inputs()
     x.update(changes)

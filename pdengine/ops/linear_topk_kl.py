@@ -290,12 +290,11 @@ class _SinglePassLoss(torch.autograd.Function):
         # Always a new tensor, even for grad_out == 1: autograd may store a returned tensor as
         # .grad itself, and a later in-place accumulation would then corrupt the kept
         # gradients for another backward through this graph (retain_graph=True).
-        grad_h, grad_w, grad_a, grad_b = (g * grad_out.to(g.dtype) if g.numel() else None
-                                          for g in ctx.saved_tensors)
-        needs = ctx.needs_input_grad
-        return (grad_h if needs[0] else None, grad_w if needs[1] else None,
-                grad_a if needs[2] else None, grad_b if needs[3] else None,
-                None, None, None, None, None)
+        # An input that needs a gradient got one from the op (weight: needs_weight_grad was
+        # its requires_grad; LoRA factors: present), empty only when N = 0.
+        grads = [g * grad_out.to(g.dtype) if need else None
+                 for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        return (*grads, None, None, None, None, None)
 
 
 # -------------------------------------------------------------------------- public API
