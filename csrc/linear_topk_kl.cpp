@@ -445,7 +445,13 @@ void backward_chunk(const LossInputs& in, const GradCoefficients& coef, const Te
 // budget with PDENGINE_CPU_CHUNK_BYTES to cover several chunks and a short last one.
 int64_t single_pass_chunk_rows(const LossInputs& in) {
   int64_t budget = int64_t{32} << 20;
-  if (const char* env = std::getenv("PDENGINE_CPU_CHUNK_BYTES")) budget = std::atoll(env);
+  if (const char* env = std::getenv("PDENGINE_CPU_CHUNK_BYTES")) {
+    char* end = nullptr;
+    budget = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && budget > 0,
+                      "PDENGINE_CPU_CHUNK_BYTES must be a positive whole number of bytes, got '",
+                      env, "'");
+  }
   const int64_t per_row = in.vocab * static_cast<int64_t>(c10::elementSize(in.dtype));
   return std::max<int64_t>(1, std::min(in.n, budget / per_row));
 }

@@ -264,6 +264,15 @@ def test_single_pass_only_when_gradients_are_wanted(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("value", ["", "32MB", "-1", "0"])
+def test_bad_chunk_budget_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("PDENGINE_CPU_CHUNK_BYTES", value)
+    x = _api_inputs()
+    x["hidden"].requires_grad_(True)
+    with pytest.raises(ValueError, match="PDENGINE_CPU_CHUNK_BYTES must be a positive whole number"):
+        pdengine.linear_topk_kl(**x)
+
+
 def test_public_api_frozen_weight_and_module():
     x = _api_inputs(lora=False)
     hidden = x["hidden"].requires_grad_(True)
