@@ -44,9 +44,15 @@ def time_fn(fn, warmup: int = 2, reps: int = 5) -> dict:
         fn()
         _sync()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
+    return summarize_ms(times)
+
+
+def summarize_ms(times: list[float]) -> dict:
+    """Median, 20/80 % quantiles and extremes of a list of millisecond timings."""
+    times = sorted(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "reps": reps}
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
+            "min_ms": times[0], "max_ms": times[-1], "reps": len(times)}
 
 
 def time_round_robin(fns: dict, warmup: int = 2, reps: int = 5) -> dict:
@@ -64,12 +70,7 @@ def time_round_robin(fns: dict, warmup: int = 2, reps: int = 5) -> dict:
             fn()
             _sync()
             times[name].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "reps": reps}
-    return out
+    return {name: summarize_ms(ts) for name, ts in times.items()}
 
 
 def _proc_status_bytes(key: str) -> int:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +49,8 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import _sync, environment, peak_memory, print_table, save_results, time_fn, time_round_robin, tflops
+from common import (_sync, environment, peak_memory, print_table, save_results, summarize_ms, time_fn,
+                    time_round_robin, tflops)
 
 import pdengine
 from pdengine import reference
@@ -143,9 +143,7 @@ def time_backward(make_loss, warmup, reps) -> dict:
         _sync()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+    return summarize_ms(times)
 
 
 def fwd_bwd_step(fn, inputs, leaves):

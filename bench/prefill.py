@@ -15,13 +15,12 @@ Usage: python bench/prefill.py [--reps 3] [--qa 30] [--doc-tokens 512]
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import environment, print_table, save_results, time_fn
+from common import environment, print_table, save_results, time_round_robin
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -65,23 +64,17 @@ def bench_modes(model, tok, documents, qa, reps: int) -> list[dict]:
     """Both modes, their repetitions interleaved so that both see the same machine load."""
     examples = build_examples(tok, documents, qa)
     modes = {"shared_prefix": True, "per_qa_forward": False}
-    times = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {mode: _prefill_run(model, tok, documents, qa, Path(tmp) / mode, share)
                 for mode, share in modes.items()}
-        for mode in modes:
-            time_fn(runs[mode], warmup=0, reps=1)  # warm-up
-        for _ in range(reps):
-            for mode in modes:
-                times[mode].append(time_fn(runs[mode], warmup=0, reps=1)["median_ms"])
+        times = time_round_robin(runs, warmup=1, reps=reps)
         counts = {mode: runs[mode]().manifest["counts"] for mode in modes}
     rows = []
     for mode, share in modes.items():
-        ts = sorted(times[mode])
-        median = statistics.median(ts)
+        t = times[mode]
         rows.append({"mode": mode, "qa_pairs": len(qa), "tokens_processed": count_tokens(examples, 4096, share),
-                     "median_ms": median, "min_ms": ts[0], "max_ms": ts[-1], "reps": reps,
-                     "qa_per_s": len(qa) / (median / 1e3),
+                     "median_ms": t["median_ms"], "min_ms": t["min_ms"], "max_ms": t["max_ms"], "reps": reps,
+                     "qa_per_s": len(qa) / (t["median_ms"] / 1e3),
                      "cache_bytes_per_answer_token": counts[mode]["bytes_per_answer_token"],
                      "answer_tokens": counts[mode]["answer_tokens"]})
     shared, unshared = rows

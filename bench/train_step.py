@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_memory, print_table, save_results, time_fn  # noqa: E402
+from common import environment, peak_memory, print_table, save_results, time_fn, time_round_robin  # noqa: E402
 
 import pdengine  # noqa: E402
 from pdengine import modeling, reference  # noqa: E402
@@ -215,16 +215,9 @@ def interleaved_times(args, device) -> dict:
     vocab = PRESETS[args.preset][0]["vocab_size"]
     data = make_batch(vocab, batch, seq, args.answer_frac, device)
     steps = {name: step_fn(*setup(args.preset, device, rank), data) for name, setup in SETUPS.items()}
-    times = {name: [] for name in steps}
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    times = time_round_robin(steps, warmup=1, reps=args.reps)
     free(steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: t["median_ms"] for name, t in times.items()}
 
 
 def bench_step(args, argv, device) -> list[dict]:

@@ -26,8 +26,8 @@ from torch import nn
 
 from pdengine import reference
 from pdengine.ops import _library
+from pdengine.ops._checks import check_float_tensor, check_number
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
 MODES = reference.MODES
 REDUCTIONS = reference.REDUCTIONS
@@ -36,32 +36,12 @@ REDUCTIONS = reference.REDUCTIONS
 # ---------------------------------------------------------------------------- checks
 
 
-def _check_float(name, t, ndim=None):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def _check_number(name, value, *, positive=False, nonnegative=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a Python number, got {type(value).__name__}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
 def _check_shapes(hidden, weight, teacher_ids, teacher_logprobs, labels, lora_a, lora_b):
     """Host-side checks of every tensor argument; returns (N, V)."""
-    _check_float("hidden", hidden)
+    check_float_tensor("hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (the hidden size)")
-    _check_float("weight", weight, 2)
+    check_float_tensor("weight", weight, 2)
     v, d = weight.shape
     if hidden.shape[-1] != d:
         raise ValueError(f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({d})")
@@ -77,7 +57,7 @@ def _check_shapes(hidden, weight, teacher_ids, teacher_logprobs, labels, lora_a,
         raise ValueError("teacher_ids must hold at least one id per token (k >= 1)")
     if k > v:
         raise ValueError(f"k = teacher_ids.shape[-1] ({k}) must be <= the vocabulary size V ({v})")
-    _check_float("teacher_logprobs", teacher_logprobs)
+    check_float_tensor("teacher_logprobs", teacher_logprobs)
     if teacher_logprobs.shape != teacher_ids.shape:
         raise ValueError(f"teacher_logprobs must have the shape of teacher_ids {tuple(teacher_ids.shape)}, got {tuple(teacher_logprobs.shape)}")
     if labels is not None:
@@ -88,8 +68,8 @@ def _check_shapes(hidden, weight, teacher_ids, teacher_logprobs, labels, lora_a,
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (got only " + ("lora_a)" if lora_b is None else "lora_b)"))
     if lora_a is not None:
-        _check_float("lora_a", lora_a, 2)
-        _check_float("lora_b", lora_b, 2)
+        check_float_tensor("lora_a", lora_a, 2)
+        check_float_tensor("lora_b", lora_b, 2)
         r = lora_a.shape[0]
         if r < 1 or lora_a.shape[1] != d:
             raise ValueError(f"lora_a must have shape [r >= 1, {d}], got {tuple(lora_a.shape)}")
@@ -103,13 +83,13 @@ def _check_shapes(hidden, weight, teacher_ids, teacher_logprobs, labels, lora_a,
 
 
 def _check_hyper(lora_scale, temperature, softcap, mode, ce_weight, ignore_index, reduction):
-    _check_number("lora_scale", lora_scale)
-    _check_number("temperature", temperature, positive=True)
+    check_number("lora_scale", lora_scale)
+    check_number("temperature", temperature, positive=True)
     if softcap is not None:
-        _check_number("softcap", softcap, positive=True)
+        check_number("softcap", softcap, positive=True)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_number("ce_weight", ce_weight, nonnegative=True)
+    check_number("ce_weight", ce_weight, nonnegative=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:

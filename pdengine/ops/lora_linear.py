@@ -14,8 +14,8 @@ import torch
 
 from pdengine import reference
 from pdengine.ops import _library
+from pdengine.ops._checks import check_float_tensor
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Dropout seeds are drawn below 2**31 so they fit every backend's int type.
 _SEED_BOUND = 2**31 - 1
 
@@ -23,23 +23,14 @@ _SEED_BOUND = 2**31 - 1
 # ---------------------------------------------------------------------------- checks
 
 
-def _check_tensor(name, t, ndim):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
 def _check_args(x, weight, lora_a, lora_b, scale, bias, dropout):
     """ValueError naming the argument for every malformed input (x may be N-D here)."""
-    _check_tensor("x", x, None)
+    check_float_tensor("x", x, None)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the input features)")
-    _check_tensor("weight", weight, 2)
-    _check_tensor("lora_a", lora_a, 2)
-    _check_tensor("lora_b", lora_b, 2)
+    check_float_tensor("weight", weight, 2)
+    check_float_tensor("lora_a", lora_a, 2)
+    check_float_tensor("lora_b", lora_b, 2)
     d_out, d_in = weight.shape
     if x.shape[-1] != d_in:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight.shape[1] ({d_in})")
@@ -53,7 +44,7 @@ def _check_args(x, weight, lora_a, lora_b, scale, bias, dropout):
     if tuple(lora_b.shape) != (d_out, r):
         raise ValueError(f"lora_b must have shape [{d_out}, {r}], got {tuple(lora_b.shape)}")
     if bias is not None:
-        _check_tensor("bias", bias, 1)
+        check_float_tensor("bias", bias, 1)
         if bias.shape[0] != d_out:
             raise ValueError(f"bias must have shape [{d_out}], got {tuple(bias.shape)}")
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):

@@ -21,9 +21,9 @@ import torch
 
 from pdengine import reference
 from pdengine.ops import _library
+from pdengine.ops._checks import FLOAT_DTYPES
 
 _OP_NAME = "teacher_topk"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_args(hidden, weight, k, temperature, softcap):
@@ -41,7 +41,7 @@ def _check_args(hidden, weight, k, temperature, softcap):
             f"weight's hidden size {weight.shape[1]} does not match hidden's last dimension "
             f"{hidden.shape[-1]} (weight {tuple(weight.shape)}, hidden {tuple(hidden.shape)})"
         )
-    if hidden.dtype not in _FLOAT_DTYPES:
+    if hidden.dtype not in FLOAT_DTYPES:
         raise ValueError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
