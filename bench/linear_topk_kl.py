@@ -308,7 +308,7 @@ def bench_ce_shape(shape, device, warmup, reps) -> list[dict]:
         ref = float(torch.nn.functional.cross_entropy((hidden[:1024] @ weight.T).float(), labels[:1024]))
     for impl, fn in impls.items():
         res, err = _run_guarded(lambda: measure(fn, (hidden, weight, labels), (hidden, weight), warmup, reps))
-        row = {"shape": name, "impl": impl, "weight_grad": weight_grad, "N": n, "d": d, "V": vocab, "k": 1,
+        row = {"shape": name, "impl": impl, "weight_grad": True, "N": n, "d": d, "V": vocab, "k": 1,
                "dtype": str(dtype).removeprefix("torch.")}
         if err:
             row["error"] = err
