@@ -23,10 +23,12 @@ def cpp_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    # No -std flag: torch's cpp_extension adds the standard the installed torch needs
+    # (C++17 up to torch 2.13, C++20 from 2.14, whose ATen headers refuse C++17).
     ext = CppExtension(
         name="pdengine._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", *openmp]},
+        extra_compile_args={"cxx": ["-O3", *openmp]},
         extra_link_args=openmp,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,15 +23,48 @@ if not _library.HAS_CPP:
     pytest.fail("the C++ extension pdengine._C is not built (run ./run.sh test)", pytrace=False)
 
 
-def test_cpp_schemas_equal_python_schemas():
-    """csrc/ops.cpp defines exactly the ops and schemas of _library.SCHEMAS."""
+def test_cpp_kernels_are_registered_on_the_python_schemas():
+    """Every op of _library.SCHEMAS has exactly its Python schema and a C++ CPU kernel, and
+    no other pdengine op exists (csrc/ops.cpp defines no schema of its own)."""
     registered = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("pdengine::")}
     assert registered == set(_library.SCHEMAS)
     for name, schema in _library.SCHEMAS.items():
-        cpp_schema = getattr(torch.ops.pdengine, name).default._schema
-        assert str(cpp_schema) == str(torch._C.parse_schema(f"pdengine::{schema}")), name
+        op_schema = getattr(torch.ops.pdengine, name).default._schema
+        assert str(op_schema) == str(torch._C.parse_schema(f"pdengine::{schema}")), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pdengine::{name}", "CPU"), name
+    ops_cpp = (Path(__file__).resolve().parent.parent / "csrc" / "ops.cpp").read_text()
+    assert "TORCH_LIBRARY(" not in ops_cpp and "m.def(" not in ops_cpp
+
+
+_LOAD_ORDER_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    if sys.argv[1] == "extension-first":  # the .so's registrations run before any define
+        import importlib.util
+        torch.ops.load_library(importlib.util.find_spec("pdengine._C").origin)
+    import pdengine
+    from pdengine.ops import _library
+    assert _library.HAS_CPP
+    ids, _ = torch.ops.pdengine.teacher_topk(torch.randn(3, 4), torch.randn(20, 4), 2, 1.0, 0.0)
+    assert ids.shape == (3, 2)
+    print("ok", pdengine.backend_info()["cpu"])
+""")
+
+
+@pytest.mark.parametrize("order", ["extension-first", "python-first"])
+def test_extension_loads_before_or_after_the_python_schemas(order):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _LOAD_ORDER_SCRIPT, order], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok cpp")
+
+
+def test_setup_lets_torch_choose_the_cxx_standard():
+    """torch >= 2.14's ATen needs C++20: a -std flag of our own would break its build."""
+    setup_py = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert "-std=" not in setup_py
 
 
 def test_extension_is_an_importable_module():

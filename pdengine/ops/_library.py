@@ -1,10 +1,11 @@
 """The `torch.ops.pdengine` library: schemas, the C++ extension, backend choice.
 
-Each op is a `torch.library` custom op. Its schema lives here (SCHEMAS) and, when the C++
-extension is built, also in `csrc/` (`TORCH_LIBRARY(pdengine, m)`), which registers the
-CPU kernels; a test checks that the two schema lists agree. CUDA kernels (Triton), fake
-(meta) kernels and autograd are registered from Python by each op's front-end in
-`pdengine/ops/<op>.py`.
+Each op is a `torch.library` custom op whose schema is defined here, once (SCHEMAS). The
+C++ extension only registers CPU implementations on those names
+(`TORCH_LIBRARY_IMPL(pdengine, CPU, m)` in csrc/ops.cpp); the dispatcher checks each C++
+kernel's signature against the schema, whichever of the two is loaded first. CUDA kernels
+(Triton), fake (meta) kernels and autograd are registered from Python by each op's
+front-end in `pdengine/ops/<op>.py`.
 
 Backends:
 - CUDA tensors: Triton kernels (`pdengine.kernels`).
@@ -54,6 +55,12 @@ SCHEMAS = {
 }
 
 
+# Defined before the extension is imported; an extension loaded earlier (e.g. by
+# torch.ops.load_library) has left kernels waiting on these names, which is fine too.
+for _name, _schema in SCHEMAS.items():
+    torch.library.define(f"pdengine::{_name}", _schema[len(_name) :])
+
+
 def _load_cpp_extension():
     if os.environ.get("PDENGINE_NO_CPP") == "1":
         return None
@@ -67,10 +74,6 @@ def _load_cpp_extension():
 
 _C = _load_cpp_extension()
 HAS_CPP = _C is not None
-
-if not HAS_CPP:
-    for _name, _schema in SCHEMAS.items():
-        torch.library.define(f"pdengine::{_name}", _schema[len(_name) :])
 
 
 def cpu_fallback_backend() -> str:
