@@ -1,7 +1,7 @@
 """Teacher prefill: run the teacher once per QA pair and cache its top-k log-probs.
 
-Shared-prefix prefill (DESIGN.md section 5): the teacher sequences of one document share
-a prefix (system prompt + document); it is encoded once, and every QA suffix of that
+Shared-prefix prefill (docs/DESIGN.md, "Prefill"): the teacher sequences of one document
+share a prefix (system prompt + document); it is encoded once, and every QA suffix of that
 document attends to it through a block attention mask
 (`modeling.segment_attention_mask` with the suffix segments as children of the prefix
 segment) with position ids that continue from the end of the prefix. Several documents
@@ -10,88 +10,106 @@ predict answer tokens go through the lm_head, inside the fused `teacher_topk` op
 
 Durability: items are written in input order in shards of `shard_size` QA pairs; each
 shard and then the manifest are replaced atomically, so a killed prefill resumes after
-its last complete shard.
+its last complete shard. One prefill at a time writes a cache directory (a DirectoryLock).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pdengine import cache as cache_format
 from pdengine import modeling
+from pdengine.config import POSITIVE, check_settings, setting
+from pdengine.documents import document_of, index_documents
+from pdengine.errors import InputError
+from pdengine.locking import LOCK_NAME, DirectoryLock
 from pdengine.modeling import greedy_pack
 from pdengine.ops.teacher_topk import teacher_topk
 from pdengine.prompts import DEFAULT_FORMAT, PromptFormat, build_example
 
-DEFAULT_SHARD_SIZE = 1024
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Settings of a prefill: the one place their defaults are written (the CLI flags,
+    `pdengine run`'s `prefill:` section and `prefill()`'s keywords all come from here)."""
+
+    k: int = setting(64, "top-k log-probs kept per answer token", check=POSITIVE)
+    temperature: float = setting(2.0, "distillation temperature of the cached log-probs", check=POSITIVE)
+    batch_tokens: int = setting(4096, "tokens per packed teacher row", check=POSITIVE)
+    shard_size: int = setting(1024, "QA pairs per shard (the unit of resumption)", check=POSITIVE)
+    system: str | None = setting(None, "system prompt of teacher and student prompts")
+    student_sees_document: bool = setting(False, "replay cache: the student sequence is the teacher sequence")
+    share_prefix: bool = setting(True, "encode each document once for all its QA pairs")
+    progress: bool = setting(True, "show a progress bar")
+
+    def __post_init__(self):
+        for name in ("k", "batch_tokens", "shard_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise InputError(f"temperature must be a positive number, got {self.temperature!r}")
+        check_settings(self)
+
+
+DEFAULT_SHARD_SIZE = PrefillConfig.shard_size
 
 
 # ---------------------------------------------------------------------------------------
 # Inputs
 
 
-def _documents_by_id(documents) -> dict[str, str]:
-    if isinstance(documents, dict):
-        docs = documents
-    elif isinstance(documents, (list, tuple)):
-        docs = {}
-        for n, row in enumerate(documents):
-            if not isinstance(row, dict) or "id" not in row or "text" not in row:
-                raise ValueError(f"documents[{n}] must be a dict with 'id' and 'text'")
-            if row["id"] in docs:
-                raise ValueError(f"documents[{n}]: duplicate document id {row['id']!r}")
-            docs[row["id"]] = row["text"]
-    else:
-        raise ValueError(f"documents must be a list of {{'id', 'text'}} dicts or a dict id -> text, "
-                         f"got {type(documents).__name__}")
-    for doc_id, text in docs.items():
-        if not isinstance(text, str):
-            raise ValueError(f"documents: text of document {doc_id!r} must be a str")
-    return docs
-
-
 def _answer_ids(qa: dict, n: int, tokenizer) -> list[int]:
     if qa.get("answer_ids") is not None:
         ids = qa["answer_ids"]
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in ids):
-            raise ValueError(f"qa_pairs[{n}]['answer_ids'] must be a list of non-negative ints")
+        # bool is an int subclass: `[true]` must not be read as token 1
+        if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise InputError(f"qa_pairs[{n}]['answer_ids'] must be a list of non-negative integers, got {ids!r}")
         return list(ids)
     if not isinstance(qa.get("answer"), str):
-        raise ValueError(f"qa_pairs[{n}] needs 'answer_ids' or an 'answer' string")
+        raise InputError(f"qa_pairs[{n}] needs 'answer_ids' or an 'answer' string")
     return list(tokenizer(qa["answer"], add_special_tokens=False).input_ids)
+
+
+def _index(documents) -> dict[str, dict]:
+    if not isinstance(documents, (list, tuple, dict)):
+        raise InputError(f"documents must be a list of {{'id', 'text'}} objects or a dict id -> text, "
+                         f"got {type(documents).__name__}")
+    return index_documents(documents)
 
 
 def build_examples(tokenizer, documents, qa_pairs, fmt=DEFAULT_FORMAT, *, student_sees_document=False,
                    vocab_size=None) -> list[dict]:
     """Teacher/student sequences of every QA pair (prompts.build_example), in input order.
 
-    With student_sees_document the student sequence is the teacher sequence (a
-    self-distillation "replay" item that keeps the model's open-book skill).
+    Documents are indexed by `pdengine.documents` (string ids: `{"id": 1}` is the document
+    "1", as in every other stage). With student_sees_document the student sequence is the
+    teacher sequence (a self-distillation "replay" item that keeps the open-book skill).
     """
-    docs = _documents_by_id(documents)
+    docs = _index(documents)
     if not isinstance(qa_pairs, (list, tuple)) or not qa_pairs:
-        raise ValueError("qa_pairs must be a non-empty list of dicts")
+        raise InputError("qa_pairs must be a non-empty list of objects")
     examples = []
     for n, qa in enumerate(qa_pairs):
         if not isinstance(qa, dict) or not isinstance(qa.get("question"), str):
-            raise ValueError(f"qa_pairs[{n}] must be a dict with a 'question' string")
-        if qa.get("doc_id") not in docs:
-            raise ValueError(f"qa_pairs[{n}]: doc_id {qa.get('doc_id')!r} is not among the documents")
-        ex = build_example(tokenizer, docs[qa["doc_id"]], qa["question"], _answer_ids(qa, n, tokenizer), fmt)
+            raise InputError(f"qa_pairs[{n}] must be an object with a 'question' string")
+        doc = document_of(docs, qa, f"qa_pairs[{n}]")
+        ex = build_example(tokenizer, doc["text"], qa["question"], _answer_ids(qa, n, tokenizer), fmt)
         if len(ex["teacher_input_ids"]) == ex["answer_start_teacher"]:
-            raise ValueError(f"qa_pairs[{n}] has an empty answer and the tokenizer no end-of-turn token")
+            raise InputError(f"qa_pairs[{n}] has an empty answer and the tokenizer no end-of-turn token")
         if vocab_size is not None and max(ex["teacher_input_ids"]) >= vocab_size:
-            raise ValueError(f"qa_pairs[{n}]: token id {max(ex['teacher_input_ids'])} is outside the "
+            raise InputError(f"qa_pairs[{n}]: token id {max(ex['teacher_input_ids'])} is outside the "
                              f"model's vocabulary ({vocab_size})")
         if student_sees_document:
             ex["student_input_ids"] = ex["teacher_input_ids"]
             ex["answer_start_student"] = ex["answer_start_teacher"]
-        examples.append({**ex, "qa_index": n, "doc_id": qa["doc_id"]})
+        examples.append({**ex, "qa_index": n, "doc_id": str(doc["id"])})
     return examples
 
 
@@ -186,9 +204,7 @@ def build_row(groups) -> dict:
 
 
 def _lm_head_weight(model) -> torch.Tensor:
-    head = modeling.output_layer(model)
-    weight = getattr(head, "weight", None)
-    return weight if weight is not None else head.base_layer.weight
+    return modeling.output_layer(model).weight
 
 
 @torch.inference_mode()
@@ -221,7 +237,7 @@ def _inputs_fingerprint(examples) -> str:
     return h.hexdigest()[:32]
 
 
-def _new_manifest(model, tokenizer, fmt, examples, *, k, temperature, shard_size, student_sees_document):
+def _new_manifest(model, tokenizer, fmt, examples, settings: PrefillConfig):
     vocab = cache_format.vocab_size_of(model)
     return {
         "format": cache_format.FORMAT_NAME,
@@ -233,11 +249,11 @@ def _new_manifest(model, tokenizer, fmt, examples, *, k, temperature, shard_size
         "inputs_fingerprint": _inputs_fingerprint(examples),
         "vocab_size": vocab,
         "id_bits": cache_format.id_bits(vocab),
-        "k": k,
-        "temperature": float(temperature),
+        "k": settings.k,
+        "temperature": float(settings.temperature),
         "softcap": modeling.final_logit_softcap(model),
-        "student_sees_document": bool(student_sees_document),
-        "shard_size": shard_size,
+        "student_sees_document": bool(settings.student_sees_document),
+        "shard_size": settings.shard_size,
         "total_items": len(examples),
         "encoding": {
             "topk_ids": "topk_ids_packed: id_bits bits per id, little-endian, each row padded to whole bytes",
@@ -250,38 +266,63 @@ def _new_manifest(model, tokenizer, fmt, examples, *, k, temperature, shard_size
 # What must agree for a resumed prefill to continue an existing cache.
 _RESUME_KEYS = ("format_version", "model", "tokenizer", "template", "inputs_fingerprint", "vocab_size", "k",
                 "temperature", "student_sees_document", "shard_size")
+# Readable fields stored next to a fingerprint that do not identify what was fingerprinted:
+# the same model loaded as `data/model` or `/abs/data/model` is the same teacher.
+_NOT_IDENTITY = ("name_or_path",)
+
+
+def _identity(value):
+    """What identifies a manifest entry: a fingerprint dict minus its path fields."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in _NOT_IDENTITY}
+    return value
+
+
+def _difference(key: str, old, new) -> str:
+    """'key: cache X, now Y', naming the sub-fields that really differ."""
+    old, new = _identity(old), _identity(new)
+    if isinstance(old, dict) and isinstance(new, dict):
+        fields = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+        parts = ", ".join(f"{f} {old.get(f)!r} -> {new.get(f)!r}" for f in fields if f != "fingerprint")
+        if "fingerprint" in fields:
+            fp = f"fingerprint {old.get('fingerprint')} -> {new.get('fingerprint')}"
+            parts = f"{parts}, {fp}" if parts else fp
+        return f"{key}: {parts}"
+    return f"{key}: cache {old!r}, now {new!r}"
 
 
 def _resumable_manifest(out_dir: Path, fresh: dict) -> dict | None:
-    """The existing manifest to continue from, None when there is none; ValueError when it
-    was made with other settings."""
+    """The existing manifest to continue from, None when there is none; InputError when it
+    was made with other settings (naming each real difference)."""
     if not (out_dir / cache_format.MANIFEST).exists():
         return None
     old = cache_format.read_manifest(out_dir)
-    differing = [key for key in _RESUME_KEYS if old.get(key) != fresh[key]]
+    differing = [key for key in _RESUME_KEYS if _identity(old.get(key)) != _identity(fresh[key])]
     if differing:
-        details = "; ".join(f"{key}: cache {_short(old.get(key))}, now {_short(fresh[key])}" for key in differing)
-        raise ValueError(f"{out_dir} holds a teacher cache made with different settings ({details}); "
+        details = "; ".join(_difference(key, old.get(key), fresh[key]) for key in differing)
+        raise InputError(f"{out_dir} holds a teacher cache made with different settings ({details}); "
                          f"pass resume=False (CLI: --force) to overwrite it")
     return old
 
 
-def _short(value):
-    return value["fingerprint"] if isinstance(value, dict) and "fingerprint" in value else value
+def _is_cache_file(path: Path) -> bool:
+    name = path.name
+    return name == cache_format.MANIFEST or name.startswith(("shard-", ".shard-", f".{cache_format.MANIFEST}"))
 
 
 def _clear_cache_dir(out_dir: Path) -> None:
-    # Only remove what a cache holds; refuse to wipe a directory with other files.
+    """Remove what a cache holds, keeping the directory and its lock file (deleting a held
+    lock file would let a second process lock a new inode of the same name)."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ValueError(f"out_dir {out_dir} exists and is not a directory")
-    ours = [p for p in out_dir.iterdir() if p.name == cache_format.MANIFEST or
-            (p.name.startswith("shard-") or p.name.startswith(".shard-") or p.name.startswith(".manifest"))]
-    others = [p.name for p in out_dir.iterdir() if p not in ours]
+        raise InputError(f"out_dir {out_dir} exists and is not a directory")
+    entries = [p for p in out_dir.iterdir() if p.name != LOCK_NAME]
+    others = [p.name for p in entries if not _is_cache_file(p) or not p.is_file()]
     if others:
-        raise ValueError(f"out_dir {out_dir} holds files that are not part of a teacher cache: {others[:5]}")
-    shutil.rmtree(out_dir)
+        raise InputError(f"out_dir {out_dir} holds files that are not part of a teacher cache: {others[:5]}")
+    for path in entries:
+        path.unlink()
 
 
 def _remove_stale_temp_files(out_dir: Path) -> None:
@@ -291,26 +332,15 @@ def _remove_stale_temp_files(out_dir: Path) -> None:
             tmp.unlink()
 
 
-def _check_settings(k, temperature, batch_tokens, shard_size, fmt):
-    if not isinstance(fmt, PromptFormat):
-        raise ValueError(f"fmt must be a pdengine.prompts.PromptFormat, got {type(fmt).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
-
-
 # ---------------------------------------------------------------------------------------
 # The public entry point
 
+_D = PrefillConfig  # the defaults below are PrefillConfig's, written once there
 
-def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=64, temperature=2.0, fmt=DEFAULT_FORMAT,
-            batch_tokens=4096, shard_size=DEFAULT_SHARD_SIZE, resume=True, progress=True,
-            student_sees_document=False, share_prefix=True):
+
+def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=_D.k, temperature=_D.temperature,
+            fmt=DEFAULT_FORMAT, batch_tokens=_D.batch_tokens, shard_size=_D.shard_size, resume=True,
+            progress=_D.progress, student_sees_document=_D.student_sees_document, share_prefix=_D.share_prefix):
     """Run the teacher over every QA pair and write its top-k log-probs to a cache.
 
     Args:
@@ -318,7 +348,7 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=64, temperature
         documents: list of {"id", "text"} dicts or a dict id -> text.
         qa_pairs: list of {"doc_id", "question", "answer_ids"} (or "answer", tokenised once
             when answer_ids is missing); item i of the cache is qa_pairs[i].
-        out_dir: the cache directory.
+        out_dir: the cache directory (locked for the duration: one writer at a time).
         k, temperature: top-k size and the distillation temperature of the log-probs.
         fmt: the PromptFormat of teacher and student prompts.
         batch_tokens: tokens per packed teacher row.
@@ -331,40 +361,43 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=64, temperature
         share_prefix: encode each document once for all its QA pairs (False: one forward
             per QA pair; same numbers, for benchmarks and tests).
 
-    Returns the TeacherCache.
+    Returns the TeacherCache. Bad input raises `pdengine.errors.InputError`.
     """
-    _check_settings(k, temperature, batch_tokens, shard_size, fmt)
+    if not isinstance(fmt, PromptFormat):
+        raise InputError(f"fmt must be a pdengine.prompts.PromptFormat, got {type(fmt).__name__}")
+    settings = PrefillConfig(k=k, temperature=temperature, batch_tokens=batch_tokens, shard_size=shard_size,
+                             system=fmt.system, student_sees_document=student_sees_document,
+                             share_prefix=share_prefix, progress=progress)
     out_dir = Path(out_dir)
     vocab = cache_format.vocab_size_of(model)
     if k > vocab:
-        raise ValueError(f"k={k} is larger than the model's vocabulary ({vocab})")
+        raise InputError(f"k={k} is larger than the model's vocabulary ({vocab})")
     examples = build_examples(tokenizer, documents, qa_pairs, fmt, student_sees_document=student_sees_document,
                               vocab_size=vocab)
-    manifest = _new_manifest(model, tokenizer, fmt, examples, k=k, temperature=temperature,
-                             shard_size=shard_size, student_sees_document=student_sees_document)
-    existing = _resumable_manifest(out_dir, manifest) if resume else None
-    if existing is None:
-        _clear_cache_dir(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        manifest = existing
-        _remove_stale_temp_files(out_dir)
-    model.eval()
-    _fill_shards(model, examples, out_dir, manifest, batch_tokens=batch_tokens, progress=progress,
-                 share_prefix=share_prefix)
+    manifest = _new_manifest(model, tokenizer, fmt, examples, settings)
+    with DirectoryLock(out_dir, "pdengine prefill"):
+        existing = _resumable_manifest(out_dir, manifest) if resume else None
+        if existing is None:
+            _clear_cache_dir(out_dir)
+        else:
+            manifest = existing
+            _remove_stale_temp_files(out_dir)
+        model.eval()
+        _fill_shards(model, examples, out_dir, manifest, settings)
     return cache_format.TeacherCache(out_dir)
 
 
-def _fill_shards(model, examples, out_dir, manifest, *, batch_tokens, progress, share_prefix):
+def _fill_shards(model, examples, out_dir, manifest, settings: PrefillConfig):
     from tqdm.auto import tqdm
 
     shard_size, done = manifest["shard_size"], len(manifest["shards"])
     n_shards = math.ceil(len(examples) / shard_size)
     bar = tqdm(total=len(examples), initial=min(done * shard_size, len(examples)), unit="qa",
-               desc="teacher prefill", disable=not progress)
+               desc="teacher prefill", disable=not settings.progress)
     for s in range(done, n_shards):
         chunk = examples[s * shard_size: (s + 1) * shard_size]
-        tensors = _shard_of(model, chunk, manifest, batch_tokens=batch_tokens, share_prefix=share_prefix)
+        tensors = _shard_of(model, chunk, manifest, batch_tokens=settings.batch_tokens,
+                            share_prefix=settings.share_prefix)
         manifest["shards"].append(cache_format.write_shard(out_dir, s, tensors))
         manifest["complete"] = s == n_shards - 1
         cache_format.write_manifest(out_dir, manifest)
@@ -402,35 +435,32 @@ def _shard_of(model, chunk, manifest, *, batch_tokens, share_prefix) -> dict:
 
 
 def add_arguments(parser) -> None:
-    """Arguments of `pdengine prefill`."""
+    """Arguments of `pdengine prefill`: the files, then PrefillConfig's flags."""
+    from pdengine.config import add_arguments as add_settings
+
     parser.add_argument("--model", required=True, help="local Hugging Face model directory (the teacher)")
     parser.add_argument("--documents", required=True, help="documents JSONL: {id, text}")
     parser.add_argument("--qa", required=True, help="QA pairs JSONL: {doc_id, question, answer, answer_ids}")
     parser.add_argument("--out", required=True, help="cache directory to write")
-    parser.add_argument("--k", type=int, default=64, help="top-k log-probs kept per answer token (default 64)")
-    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2.0)")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed teacher row")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="QA pairs per shard")
-    parser.add_argument("--system", default=None, help="system prompt of teacher and student prompts")
-    parser.add_argument("--student-sees-document", action="store_true",
-                        help="replay cache: the student sequence is the teacher sequence")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing cache instead of resuming")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings(parser, PrefillConfig)
 
 
 def run(args) -> int:
     """`pdengine prefill`: load the teacher, prefill, print a summary."""
+    from pdengine.config import from_args
     from pdengine.io import read_jsonl
     from pdengine.loading import load_model_and_tokenizer
 
+    settings = from_args(PrefillConfig, args)
     documents = read_jsonl(args.documents, required=("id", "text"))
     qa_pairs = read_jsonl(args.qa, required=("doc_id", "question"))
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    cache = prefill(model, tokenizer, documents, qa_pairs, args.out, k=args.k, temperature=args.temperature,
-                    fmt=PromptFormat(system=args.system), batch_tokens=args.batch_tokens,
-                    shard_size=args.shard_size, resume=not args.force, progress=not args.no_progress,
-                    student_sees_document=args.student_sees_document)
+    cache = prefill(model, tokenizer, documents, qa_pairs, args.out, k=settings.k, temperature=settings.temperature,
+                    fmt=PromptFormat(system=settings.system), batch_tokens=settings.batch_tokens,
+                    shard_size=settings.shard_size, resume=not args.force, progress=settings.progress,
+                    student_sees_document=settings.student_sees_document, share_prefix=settings.share_prefix)
     counts = cache.manifest["counts"]
     print(f"teacher cache {args.out}: {counts['items']} QA pairs, {counts['answer_tokens']} answer tokens, "
           f"{counts['bytes']} bytes ({counts['bytes_per_answer_token']:.1f} B/answer token)")

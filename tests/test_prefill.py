@@ -6,67 +6,18 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from helpers import DOCUMENTS, QA, tiny_model_and_tokenizer
 
 from pdengine import cache as cache_format
 from pdengine import prefill as prefill_module
 from pdengine.cache import TeacherCache
+from pdengine.errors import InputError
 from pdengine.prefill import build_examples, make_groups, pack_rows, prefill, teacher_rows
-
-SENTENCES = [
-    "Ada lives in Oslo and works at the old harbour .",
-    "Bob lives in Paris ; he paints bridges at night .",
-    "The cat sat on a mat near the window in the morning .",
-    "Where does Ada live ? Who paints bridges ? What did the cat do ?",
-]
-DOCUMENTS = [{"id": "ada", "text": SENTENCES[0] + " " + SENTENCES[2]},
-             {"id": "bob", "text": SENTENCES[1]}]
-QA = [
-    {"doc_id": "ada", "question": "Where does Ada live ?", "answer": "Ada lives in Oslo ."},
-    {"doc_id": "bob", "question": "Who paints bridges ?", "answer": "Bob ."},
-    {"doc_id": "ada", "question": "What did the cat do ?", "answer": "The cat sat on a mat ."},
-    {"doc_id": "ada", "question": "Where does Ada work ?", "answer": "at the old harbour"},
-    {"doc_id": "bob", "question": "When does Bob paint ?", "answer": "at night ."},
-]
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|system|>", "<|assistant|>", "<|end|>"]
-
-
-def word_tokenizer():
-    words = sorted({w for s in SENTENCES for w in s.split()} | {"User:", "Assistant:"})
-    vocab = {w: i for i, w in enumerate(SPECIALS[:3] + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def bpe_tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 3, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>")
-    fast.chat_template = CHAT
-    return fast
-
-
-def tiny_model(family: str, vocab_size: int, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
 
 
 def setup(family: str, seed: int = 0):
     """(model, tokenizer) of a family: llama + word-level/plain template, qwen2 + BPE/chat template."""
-    tok = word_tokenizer() if family == "llama" else bpe_tokenizer()
-    return tiny_model(family, len(tok), seed), tok
+    return tiny_model_and_tokenizer(family, seed)
 
 
 def quantisation_tolerance(logprobs: torch.Tensor) -> torch.Tensor:
@@ -183,12 +134,12 @@ def test_resume_removes_temp_files_of_a_killed_write(tmp_path):
 def test_resume_refuses_other_settings_and_force_overwrites(tmp_path):
     model, tok = setup("llama")
     prefill(model, tok, DOCUMENTS, QA, tmp_path, k=8, progress=False)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(InputError, match="temperature"):
         prefill(model, tok, DOCUMENTS, QA, tmp_path, k=8, temperature=1.0, progress=False)
-    with pytest.raises(ValueError, match="inputs_fingerprint"):
+    with pytest.raises(InputError, match="inputs_fingerprint"):
         prefill(model, tok, DOCUMENTS, QA[:3], tmp_path, k=8, progress=False)
     other_model, _ = setup("llama", seed=1)
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(InputError, match="model"):
         prefill(other_model, tok, DOCUMENTS, QA, tmp_path, k=8, progress=False)
     cache = prefill(model, tok, DOCUMENTS, QA[:3], tmp_path, k=4, temperature=1.0, progress=False, resume=False)
     assert len(cache) == 3 and cache.manifest["k"] == 4 and cache.manifest["temperature"] == 1.0
@@ -223,7 +174,7 @@ def test_answer_ids_are_used_as_given(tmp_path):
 ])
 def test_bad_settings_raise(tmp_path, kwargs, message):
     model, tok = setup("llama")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         prefill(model, tok, DOCUMENTS, QA, tmp_path, progress=False, **kwargs)
 
 
@@ -236,7 +187,7 @@ def test_bad_settings_raise(tmp_path, kwargs, message):
 ])
 def test_bad_inputs_raise(tmp_path, documents, qa, message):
     model, tok = setup("llama")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         prefill(model, tok, documents, qa, tmp_path, k=4, progress=False)
 
 
