@@ -1,10 +1,13 @@
-"""The public names of `pdengine`: lazily loaded, visible to dir() and to type checkers.
+"""The public surface of `pdengine`: its names and the design sections the code cites.
 
 `pdengine/__init__.py` states its names three times (the lazy `_EXPORTS` table, the
 `TYPE_CHECKING` imports that IDEs read, `__all__`); these tests keep them in agreement by
 parsing its source, and check that every name resolves to the object its module defines.
+Code comments cite docs/DESIGN.md by section name; a citation of a section that does not
+exist (a renamed heading, a typo) fails here.
 """
 import ast
+import re
 import subprocess
 import sys
 from importlib import import_module
@@ -15,6 +18,11 @@ import pytest
 import pdengine
 
 INIT = Path(pdengine.__file__)
+ROOT = INIT.parent.parent
+DESIGN = ROOT / "docs" / "DESIGN.md"
+STABLE_SECTIONS = ("Method", "Fused loss", "Teacher top-k", "LoRA matmul", "Cache format", "Prefill",
+                   "Attention paths", "Training", "Checkpoints and resume", "Evaluation", "Conventions",
+                   "Quantized base", "Distributed")
 
 
 def _parse_init():
@@ -95,3 +103,34 @@ def test_import_stays_light():
                          cwd=INIT.parent.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---------------------------------------------------------------- design citations
+
+
+def _design_sections() -> list[str]:
+    return [line[3:].strip() for line in DESIGN.read_text().splitlines() if line.startswith("## ")]
+
+
+def _citations():
+    """(file, section) for every `DESIGN.md, "Section"` citation in the project's sources."""
+    pattern = re.compile(r'DESIGN\.md,\s*"([^"]+)"')
+    places = [ROOT / d for d in ("pdengine", "kernels", "csrc", "bench", "tests", "docs")]
+    files = [f for d in places for f in d.rglob("*") if f.suffix in (".py", ".cpp", ".h", ".md")]
+    for f in files + [ROOT / "README.md"]:
+        if f == Path(__file__):  # this file's docstrings show the pattern
+            continue
+        for section in pattern.findall(f.read_text(encoding="utf-8")):
+            yield f.relative_to(ROOT), section
+
+
+def test_design_doc_has_the_stable_sections_in_order():
+    sections = _design_sections()
+    assert sections == list(STABLE_SECTIONS)
+
+
+def test_every_design_citation_names_a_section():
+    sections = set(_design_sections())
+    cited = list(_citations())
+    assert cited, "no code cites docs/DESIGN.md by section name"
+    assert [(str(f), s) for f, s in cited if s not in sections] == []
