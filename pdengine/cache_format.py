@@ -30,16 +30,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from pdengine.io import atomic_write_bytes, atomic_write_json
+from pdengine.errors import InputError
+from pdengine.fingerprints import (  # noqa: F401  (model_fingerprint & co. are part of the format)
+    model_differences, model_fingerprint, template_fingerprint, tokenizer_differences, tokenizer_fingerprint,
+    vocab_size_of,
+)
+from pdengine.io import atomic_write_bytes, atomic_write_text
 
 FORMAT_NAME = "pdengine-teacher-cache"
-FORMAT_VERSION = 1
+# 2: fingerprints by content (no paths), a validated manifest with a checksum of itself.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _LP_LEVELS = 255  # uint8 code range of the companded log-prob deltas
 
@@ -111,73 +117,6 @@ def decode_topk(rows: dict, k: int, bits: int):
 
 
 # ---------------------------------------------------------------------------------------
-# Fingerprints: what the cache was made with
-
-
-def _sha256(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
-
-
-def _weight_sample(weight: torch.Tensor, n: int = 4096) -> bytes:
-    # Rounded to bf16 first, so a bf16 (GPU) and an fp32 (CPU) copy of the same checkpoint
-    # share a fingerprint; first and last rows cover both ends of the tensor.
-    flat = weight.detach().reshape(-1)
-    sample = torch.cat([flat[:n], flat[-n:]]).to("cpu", torch.bfloat16).float()
-    return sample.numpy().tobytes()
-
-
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
-                         "use_cache", "_attn_implementation", "_attn_implementation_autoset",
-                         "architectures", "output_hidden_states", "output_attentions", "return_dict"}
-
-
-def model_fingerprint(model) -> dict:
-    """Config (minus keys that do not change outputs) + samples of the embedding and
-    lm_head weights; readable fields alongside the hash for error messages."""
-    from pdengine.modeling import output_layer
-
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    head = output_layer(model)
-    head_weight = getattr(head, "weight", None)
-    if head_weight is None:  # a LoRA-wrapped lm_head keeps the frozen weight in base_layer
-        head_weight = head.base_layer.weight
-    digest = _sha256(config, _weight_sample(model.get_input_embeddings().weight),
-                     _weight_sample(head_weight))
-    return {"fingerprint": digest, "model_type": config.get("model_type"),
-            "name_or_path": str(getattr(model.config, "_name_or_path", "") or "")}
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """Vocabulary + special tokens."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    specials = {"map": tokenizer.special_tokens_map, "eos": tokenizer.eos_token_id,
-                "bos": tokenizer.bos_token_id, "pad": tokenizer.pad_token_id}
-    return {"fingerprint": _sha256(vocab, specials), "size": len(tokenizer),
-            "name_or_path": str(getattr(tokenizer, "name_or_path", "") or "")}
-
-
-def template_fingerprint(tokenizer, fmt) -> dict:
-    """Chat template (or the plain template) + PromptFormat."""
-    from pdengine.prompts import PLAIN_TEMPLATE
-
-    template = getattr(tokenizer, "chat_template", None) or f"plain:{PLAIN_TEMPLATE}"
-    return {"fingerprint": _sha256(template, asdict(fmt)), "chat_template": template != f"plain:{PLAIN_TEMPLATE}",
-            "format": asdict(fmt)}
-
-
-def vocab_size_of(model) -> int:
-    """Rows of the lm_head: the support of the teacher's distribution."""
-    from pdengine.modeling import output_layer
-
-    head = output_layer(model)
-    weight = getattr(head, "weight", None)
-    return int((weight if weight is not None else head.base_layer.weight).shape[0])
-
-
-# ---------------------------------------------------------------------------------------
 # Writing (used by pdengine.prefill)
 
 
@@ -232,55 +171,274 @@ def write_shard(directory: Path, index: int, tensors: dict) -> dict:
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
+# ---------------------------------------------------------------------------------------
+# The manifest: written by prefill, validated on every read (docs/DESIGN.md, "Cache format")
+
+
+def _counts(shards: list) -> dict:
+    tokens = sum(s["answer_tokens"] for s in shards)
+    total_bytes = sum(s["bytes"] for s in shards)
+    return {"shards": len(shards), "items": sum(s["items"] for s in shards), "answer_tokens": tokens,
+            "bytes": total_bytes, "bytes_per_answer_token": total_bytes / tokens if tokens else None}
+
+
+def _content_checksum(manifest: dict) -> str:
+    # Over the canonical JSON of everything but the checksum: a manifest edited by hand (a
+    # temperature made to match a flag, a flipped student_sees_document) no longer matches.
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(directory: Path, manifest: dict) -> None:
-    shards = manifest["shards"]
-    manifest["counts"] = {
-        "shards": len(shards),
-        "items": sum(s["items"] for s in shards),
-        "answer_tokens": sum(s["answer_tokens"] for s in shards),
-        "bytes": sum(s["bytes"] for s in shards),
-    }
-    tokens = manifest["counts"]["answer_tokens"]
-    manifest["counts"]["bytes_per_answer_token"] = manifest["counts"]["bytes"] / tokens if tokens else None
-    atomic_write_json(directory / MANIFEST, manifest)
+    """Complete `manifest` with its counts and checksum, validate it, write it atomically."""
+    manifest["counts"] = _counts(manifest["shards"])
+    manifest["checksum"] = _content_checksum(manifest)
+    path = Path(directory) / MANIFEST
+    validate_manifest(manifest, str(path))  # never write what read_manifest would refuse
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_manifest(directory) -> dict:
-    """The manifest dict; ValueError naming the file when missing or unreadable."""
+    """The validated manifest of the cache in `directory`; InputError naming the file and
+    the field when it is missing, unreadable, malformed or inconsistent."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise ValueError(f"{directory} is not a teacher cache: {path} not found")
+        raise InputError(f"{directory} is not a teacher cache: {path} not found")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {manifest.get('format_version')} is not supported "
-                         f"(this pdengine reads version {FORMAT_VERSION})")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: corrupt manifest ({e})") from None
+    validate_manifest(manifest, str(path))
+    for entry in manifest["shards"]:
+        shard_path(directory, entry)  # a symlink may lead out of the directory
     return manifest
 
 
+def validate_manifest(manifest, source: str) -> None:
+    """InputError (one line naming `source` and the field) unless `manifest` follows the
+    schema below and agrees with itself: counts with shards, id_bits with the vocabulary,
+    the checksum with the content."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise InputError(f"{source}: not a {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = ("it was made by an older pdengine: re-run prefill on it with --force (resume=False) to rebuild it"
+                if _is_int(version) and version < FORMAT_VERSION else f"this pdengine reads version {FORMAT_VERSION}")
+        raise InputError(f"{source}: format version {version!r} is not supported ({hint})")
+    _check_fields(manifest, _SCHEMA, source, "")
+    for name, schema in (("model", _MODEL_SCHEMA), ("tokenizer", _TOKENIZER_SCHEMA), ("template", _TEMPLATE_SCHEMA)):
+        _check_fields(manifest[name], schema, source, f"{name}.")
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            raise InputError(f"{source}: shards[{i}] must be an object, got {entry!r}")
+        _check_fields(entry, _SHARD_SCHEMA, source, f"shards[{i}].")
+    _check_settings_agree(manifest, source)
+    _check_shards_agree(manifest, source)
+    if manifest["checksum"] != _content_checksum(manifest):
+        raise InputError(f"{source}: checksum does not match the content (the manifest was edited after prefill "
+                         "wrote it); re-run prefill with --force to rebuild the cache")
+
+
+def _is_int(value, low=None, high=None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (low is None or value >= low) and (high is None or value <= high))
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _is_hex(value, length) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+# field: (check, what it must be). Fields not named here (e.g. `encoding`, a note for human
+# readers) are left alone, so a newer writer may add some.
+_SCHEMA = {
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "model": (lambda v: isinstance(v, dict), "an object (the model fingerprint)"),
+    "tokenizer": (lambda v: isinstance(v, dict), "an object (the tokenizer fingerprint)"),
+    "template": (lambda v: isinstance(v, dict), "an object (the template fingerprint)"),
+    "inputs_fingerprint": (_is_str, "a non-empty string"),
+    "vocab_size": (lambda v: _is_int(v, 2), "an int >= 2"),
+    "id_bits": (lambda v: _is_int(v, 1, 32), "an int from 1 to 32"),
+    "k": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "temperature": (_is_positive_number, "a finite number > 0"),
+    "softcap": (lambda v: v is None or _is_positive_number(v), "null or a finite number > 0"),
+    "student_sees_document": (lambda v: isinstance(v, bool), "true or false"),
+    "shard_size": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "total_items": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "shards": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
+    "counts": (lambda v: isinstance(v, dict), "an object"),
+    "checksum": (lambda v: _is_hex(v, 64), "64 lowercase hex digits"),
+}
+_MODEL_SCHEMA = {
+    "fingerprint": (_is_str, "a non-empty string"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "weights_sha256": (_is_str, "a non-empty string"),
+    "vocab_size": (lambda v: _is_int(v, 2), "an int >= 2"),
+}
+_TOKENIZER_SCHEMA = {"fingerprint": (_is_str, "a non-empty string"), "size": (lambda v: _is_int(v, 1), "an int >= 1")}
+_TEMPLATE_SCHEMA = {"fingerprint": (_is_str, "a non-empty string")}
+_SHARD_SCHEMA = {
+    "file": (lambda v: _is_str(v) and _stays_inside(v), "a file name inside the cache directory"),
+    "items": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "answer_tokens": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "bytes": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "sha256": (lambda v: _is_hex(v, 64), "64 lowercase hex digits"),
+}
+
+
+def _check_fields(obj: dict, schema: dict, source: str, prefix: str) -> None:
+    for field, (check, expected) in schema.items():
+        if field not in obj:
+            raise InputError(f"{source}: {prefix}{field} is missing (must be {expected})")
+        if not check(obj[field]):
+            raise InputError(f"{source}: {prefix}{field} must be {expected}, got {_shown(obj[field])}")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _stays_inside(name: str) -> bool:
+    # A relative path with no `..`: absolute paths and `../x` would read outside the cache.
+    parts = Path(name).parts
+    return not Path(name).is_absolute() and "\\" not in name and ".." not in parts and bool(parts)
+
+
+def _check_settings_agree(m: dict, source: str) -> None:
+    vocab = m["vocab_size"]
+    if m["id_bits"] != id_bits(vocab):
+        raise InputError(f"{source}: id_bits is {m['id_bits']}, but a vocabulary of {vocab} tokens "
+                         f"needs {id_bits(vocab)}")
+    if m["k"] > vocab:
+        raise InputError(f"{source}: k is {m['k']}, larger than the vocabulary ({vocab} tokens)")
+    if m["model"]["vocab_size"] != vocab:
+        raise InputError(f"{source}: model.vocab_size is {m['model']['vocab_size']}, vocab_size is {vocab}")
+
+
+def _check_shards_agree(m: dict, source: str) -> None:
+    shards, size, total = m["shards"], m["shard_size"], m["total_items"]
+    for i, entry in enumerate(shards):
+        last = i == len(shards) - 1 and m["complete"]
+        if entry["items"] > size or (not last and entry["items"] != size):
+            raise InputError(f"{source}: shards[{i}].items is {entry['items']}, but shard_size is {size} "
+                             f"(every shard but the last of a complete cache holds exactly shard_size items)")
+    items = sum(entry["items"] for entry in shards)
+    if items > total or (m["complete"] and items != total):
+        state = "complete" if m["complete"] else "incomplete"
+        raise InputError(f"{source}: the shards hold {items} items, total_items is {total} ({state} cache)")
+    counts = _counts(shards)
+    for field, value in counts.items():
+        if m["counts"].get(field) != value:
+            raise InputError(f"{source}: counts.{field} is {_shown(m['counts'].get(field))}, "
+                             f"the shards say {value}")
+
+
+# ---------------------------------------------------------------------------------------
+# Shards: located inside the cache, verified on first read
+
+
+def shard_path(directory, entry: dict) -> Path:
+    """The shard's file; InputError when its name, or a symlink, leads out of `directory`."""
+    directory = Path(directory)
+    path = directory / entry["file"]
+    if not _stays_inside(entry["file"]) or not path.resolve().is_relative_to(directory.resolve()):
+        raise InputError(f"{directory / MANIFEST}: shard file {entry['file']!r} lies outside the cache directory")
+    return path
+
+
+def check_shard_file(directory, entry: dict) -> Path:
+    """The shard's file when it exists with the size the manifest records (a cheap check
+    for opening a cache; `verify_shard` checks the content)."""
+    path = shard_path(directory, entry)
+    if not path.is_file():
+        raise InputError(f"teacher cache shard {path} is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise InputError(f"teacher cache shard {path} is truncated or corrupt "
+                         f"({size} bytes, the manifest says {entry['bytes']})")
+    return path
+
+
+def verify_shard(directory, entry: dict) -> bytes:
+    """The shard's bytes, once their size and sha256 match the manifest entry."""
+    path = check_shard_file(directory, entry)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise InputError(f"teacher cache shard {path} is corrupt (sha256 does not match the manifest)")
+    return data
+
+
+def load_shard(directory, manifest: dict, index: int) -> dict:
+    """Shard `index`'s tensors: checksum verified, then its layout checked against the
+    manifest (tensor names, k, id_bits, items, answer tokens), so a manifest that does
+    not describe its shards fails here instead of training on misread data."""
+    entry = manifest["shards"][index]
+    path = shard_path(directory, entry)
+    try:
+        tensors = load_safetensors(verify_shard(directory, entry))
+    except InputError:
+        raise
+    except Exception as e:  # safetensors raises its own error type
+        raise InputError(f"teacher cache shard {path} is corrupt: {e}") from None
+    _check_shard_layout(tensors, manifest, entry, f"teacher cache shard {path}")
+    return tensors
+
+
+_SHARD_TENSORS = {"qa_index", "prefix_ids", "prefix_offsets", "item_prefix", "teacher_suffix_ids",
+                  "teacher_suffix_offsets", "answer_start_teacher", "answer_start_student", "answer_offsets",
+                  "topk_ids_packed", "topk_lp_top", "topk_lp_span", "topk_lp_code"}
+_STUDENT_TENSORS = {"student_ids", "student_offsets"}
+
+
+def _check_shard_layout(tensors: dict, manifest: dict, entry: dict, where: str) -> None:
+    expected = _SHARD_TENSORS | (set() if manifest["student_sees_document"] else _STUDENT_TENSORS)
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise InputError(f"{where} does not match the manifest (student_sees_document="
+                         f"{str(manifest['student_sees_document']).lower()}): missing {missing}, unexpected {extra}")
+    n, rows = tensors["qa_index"].numel(), tensors["topk_lp_top"].numel()
+    k, bits = manifest["k"], manifest["id_bits"]
+    shapes = {"items": (n, entry["items"]), "answer_tokens": (rows, entry["answer_tokens"]),
+              "k (topk_lp_code columns)": (tuple(tensors["topk_lp_code"].shape), (rows, k)),
+              "k and id_bits (topk_ids_packed bytes per row)":
+                  (tuple(tensors["topk_ids_packed"].shape), (rows, math.ceil(k * bits / 8))),
+              "answer_offsets": (int(tensors["answer_offsets"][-1]), rows)}
+    for field, (found, recorded) in shapes.items():
+        if found != recorded:
+            raise InputError(f"{where} does not match the manifest: {field} is {recorded} in the manifest, "
+                             f"{found} in the shard")
+    if tensors["prefix_ids"].dtype != token_dtype(bits):
+        raise InputError(f"{where} does not match the manifest: id_bits {bits} means {token_dtype(bits)} "
+                         f"token ids, the shard holds {tensors['prefix_ids'].dtype}")
+
+
+# ---------------------------------------------------------------------------------------
+# Compatibility of a cache with the objects it is used with
+
+
 def check_compatible(manifest: dict, source: str, *, model=None, tokenizer=None, temperature=None) -> None:
-    """ValueError naming everything that differs between the cache and the given objects."""
+    """InputError naming every field that differs between the cache and the given objects
+    (cached value, given value)."""
     problems = []
     if model is not None:
-        vocab = vocab_size_of(model)
-        if vocab != manifest["vocab_size"]:
-            problems.append(f"vocab size: cache {manifest['vocab_size']}, model {vocab}")
-        fp = model_fingerprint(model)
-        if fp["fingerprint"] != manifest["model"]["fingerprint"]:
-            problems.append(f"model: cache made with {manifest['model']['model_type']} "
-                            f"{manifest['model']['name_or_path']!r} (fingerprint {manifest['model']['fingerprint']}), "
-                            f"given {fp['model_type']} {fp['name_or_path']!r} (fingerprint {fp['fingerprint']})")
+        given = model_fingerprint(model)
+        if given["vocab_size"] != manifest["vocab_size"]:
+            problems.append(f"vocab size: cache {manifest['vocab_size']}, model {given['vocab_size']}")
+        differences = [d for d in model_differences(manifest["model"], given) if not d.startswith("vocab size")]
+        if differences:
+            problems.append(f"model: cache made with {manifest['model'].get('model_type')}, given "
+                            f"{given['model_type']}: " + ", ".join(differences))
     if tokenizer is not None:
-        fp = tokenizer_fingerprint(tokenizer)
-        if fp["fingerprint"] != manifest["tokenizer"]["fingerprint"]:
-            cached = manifest["tokenizer"]
-            problems.append(f"tokenizer: cache fingerprint {cached['fingerprint']} ({cached['size']} tokens), "
-                            f"given {fp['fingerprint']} ({fp['size']} tokens)")
+        problems += tokenizer_differences(manifest["tokenizer"], tokenizer_fingerprint(tokenizer))
     if temperature is not None and float(temperature) != manifest["temperature"]:
         problems.append(f"temperature: cache {manifest['temperature']}, given {float(temperature)}")
     if problems:
-        raise ValueError(f"teacher cache {source} does not match: " + "; ".join(problems))
+        raise InputError(f"teacher cache {source} does not match: " + "; ".join(problems))
