@@ -11,3 +11,13 @@ It subclasses ValueError so library callers that catch ValueError keep working.
 
 class InputError(ValueError):
     """Bad input, explained in one line that names what to fix."""
+
+
+class CommandError(Exception):
+    """A command failed for a reason its message already explains (a stage's exit code, a
+    quality gate not met); neither bad input nor a bug. The CLI prints the one line on
+    stderr and exits with `code`."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from helpers import QA_DOCS as DOCS
+from helpers import save_tiny
+
 from pdengine import cli
 from pdengine.io import write_jsonl
-from test_qa import DOCS, save_tiny
 
 EVAL = [
     {"doc_id": "d1", "question": "where does Ada live ?", "answer": "Oslo"},
@@ -38,11 +40,6 @@ def _error_line(capsys) -> str:
 
 @pytest.mark.parametrize("command", [*cli.STAGE_COMMANDS, "run", "bench"])
 def test_every_command_has_help(command, capsys):
-    if command == "demo":
-        import pdengine.demo
-
-        if not hasattr(pdengine.demo, "add_arguments"):
-            pytest.skip("pdengine.demo has no CLI yet")
     assert cli.main([command, "--help"]) == 0
     assert f"usage: pdengine {command}" in capsys.readouterr().out
 
@@ -108,13 +105,16 @@ def test_unknown_config_keys_list_valid_keys(model_dir, data, capsys):
     cfg = _write_config(data / "b.yaml", **base, generate={"n_question": 3})
     assert cli.main(["run", "--config", str(cfg)]) == 2
     line = _error_line(capsys)
-    assert "[generate] has no key 'n_question'" in line and "n_questions" in line
+    assert "generate: unknown key 'n_question'" in line and "n_questions" in line
     cfg = _write_config(data / "c.yaml", **base, generate={"out": "elsewhere.jsonl"})
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert "[generate] has no key 'out'" in _error_line(capsys)
+    assert "[generate] cannot set 'out': the pipeline sets it" in _error_line(capsys)
     cfg = _write_config(data / "d.yaml", **base, answer={"temperature": "hot"})
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert "[answer] argument --temperature: invalid float value: 'hot'" in _error_line(capsys)
+    assert "answer.temperature: expected a number, got 'hot'" in _error_line(capsys)
+    cfg = _write_config(data / "e.yaml", **base, prefill={"force": True})
+    assert cli.main(["run", "--config", str(cfg)]) == 2
+    assert "[prefill] cannot set 'force'" in _error_line(capsys)
     assert not (data / "run").exists(), "nothing runs before the whole config is valid"
 
 

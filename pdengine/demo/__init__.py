@@ -34,10 +34,7 @@ def run(args) -> int:
     if args.documents is not None:
         overrides["n_documents"] = args.documents
     cfg = DemoConfig.fast(**overrides) if args.fast else DemoConfig(**overrides)
-    try:
-        run_demo(args.out, cfg, pretrain=args.pretrain, pretrain_seed=args.pretrain_seed)
-    except RuntimeError as e:  # the pretraining gate
-        print(f"error: {e}")
-        return 1
+    # a failed reading gate is a GateFailed (a CommandError): the CLI prints it and exits 1
+    run_demo(args.out, cfg, pretrain=args.pretrain, pretrain_seed=args.pretrain_seed)
     print(f"report: {args.out}/report.json")
     return 0

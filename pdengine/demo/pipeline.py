@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pdengine.demo import world as W
+from pdengine.errors import InputError
 
 ASSETS = Path(__file__).parent / "assets"
 QUESTION_PROMPT = W.QUESTION_WRITING_PROMPT + "\n\n{document}"
@@ -66,9 +67,9 @@ class DemoConfig:
                      "reading_check_documents", "steps", "lora_r", "batch_tokens", "rag_top_n",
                      "batch_size", "threads", "gate_sample"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 1 <= self.n_documents <= W.World.MAX_NEW:
-            raise ValueError(f"n_documents must be in 1..{W.World.MAX_NEW}, got {self.n_documents}")
+            raise InputError(f"n_documents must be in 1..{W.World.MAX_NEW}, got {self.n_documents}")
 
 
 class _Stages:
@@ -96,7 +97,7 @@ def prepare_model(model_dir: Path, *, pretrain: bool, seed: int, source: Path = 
             shutil.rmtree(model_dir)
         return pretrain_recipe(model_dir, seed=seed, log=log)
     if not (source / "config.json").is_file():
-        raise ValueError(f"no shipped demo model in {source}; run with --pretrain to build one")
+        raise InputError(f"no shipped demo model in {source}; run with --pretrain to build one")
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(source, model_dir)
@@ -128,12 +129,12 @@ def demo_world(pretrain_info: dict) -> W.World:
 
 def check_gate(model, tokenizer, world: W.World, cfg: DemoConfig) -> float:
     """The teacher must read: open-book accuracy on the new documents (a sample of every
-    phrasing) >= cfg.gate, else RuntimeError (injection is pointless without a teacher)."""
-    from pdengine.demo.pretrain import reading_accuracy
+    phrasing) >= cfg.gate, else GateFailed (injection is pointless without a teacher)."""
+    from pdengine.demo.pretrain import GateFailed, reading_accuracy
 
     accuracy = reading_accuracy(model, tokenizer, world, limit=cfg.gate_sample)
     if accuracy < cfg.gate:
-        raise RuntimeError(f"gate failed: the base model's open-book reading accuracy {accuracy:.3f} < "
+        raise GateFailed(f"gate failed: the base model's open-book reading accuracy {accuracy:.3f} < "
                            f"{cfg.gate}; pretrain a better model (--pretrain with another --seed)")
     return accuracy
 

@@ -23,15 +23,26 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pdengine.errors import CommandError, InputError
+
 from pdengine.demo import world as W
 from pdengine.demo.model import build_tiny_model
 from pdengine.demo.tokenizer import build_tokenizer
 from pdengine.prompts import DEFAULT_FORMAT
+
+
+class GateFailed(CommandError, RuntimeError):
+    """The tiny model does not read well enough to be a teacher (exit code 1): a failed
+    experiment, not bad input; still a RuntimeError for callers that catch that."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code=1)
 
 IGNORE = -100
 
@@ -168,13 +179,13 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
              log=print) -> dict:
     """Pretrain from scratch and save the HF directory; returns the metrics (also in pretrain.json).
 
-    Raises RuntimeError when the gate (open-book reading accuracy on new people) is not met;
+    Raises GateFailed when the gate (open-book reading accuracy on new people) is not met;
     the model is still saved for inspection.
     """
     if not 1 <= qa_per_document <= len(W.ATTRIBUTES):
-        raise ValueError(f"qa_per_document must be in 1..{len(W.ATTRIBUTES)}, got {qa_per_document}")
+        raise InputError(f"qa_per_document must be in 1..{len(W.ATTRIBUTES)}, got {qa_per_document}")
     if steps < 1 or batch_docs < 1:
-        raise ValueError(f"steps and batch_docs must be >= 1, got {steps}, {batch_docs}")
+        raise InputError(f"steps and batch_docs must be >= 1, got {steps}, {batch_docs}")
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     world = W.World(seed)
@@ -216,7 +227,7 @@ def pretrain(out_dir, *, seed: int = 0, steps: int = 800, batch_docs: int = 64, 
     save_model(model, tokenizer, out_dir, metrics)
     log(json.dumps(metrics))
     if metrics["gate_reading_accuracy"] < gate:
-        raise RuntimeError(f"pretraining gate failed: open-book reading accuracy "
+        raise GateFailed(f"pretraining gate failed: open-book reading accuracy "
                            f"{metrics['gate_reading_accuracy']:.3f} < {gate} (saved to {out_dir})")
     return metrics
 
@@ -254,7 +265,7 @@ def _load_init(init, tokenizer):
 
     model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
     if model.config.vocab_size != len(tokenizer):
-        raise ValueError(f"init: {init} has vocabulary {model.config.vocab_size}, expected {len(tokenizer)}")
+        raise InputError(f"init: {init} has vocabulary {model.config.vocab_size}, expected {len(tokenizer)}")
     return model
 
 
@@ -300,9 +311,9 @@ def main(argv=None) -> int:
                  qa_per_document=args.qa_per_document, writing_per_step=args.writing_per_step,
                  init=args.init, warmup_ratio=args.warmup_ratio,
                  gate=args.gate, threads=args.threads, log_every=args.log_every)
-    except RuntimeError as e:
-        print(f"error: {e}")
-        return 1
+    except GateFailed as e:
+        print(e, file=sys.stderr)
+        return e.code
     return 0
 
 

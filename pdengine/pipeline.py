@@ -1,0 +1,325 @@
+"""`pdengine run`: the whole pipeline (generate -> answer -> prefill -> train -> eval) from
+one config file, resumable.
+
+Every stage's section is checked before the first stage starts: each stage names its
+settings dataclass (`STAGE_CONFIGS`), and `pdengine.config.from_mapping` builds it from the
+section, so a bad value anywhere (`train: {lr: .nan}`) stops the run before generate.
+
+A finished stage leaves a done marker `OUT/.pdengine/STAGE.done` with its fingerprint: the
+stage's settings, the paths that wire it to its neighbours, the CONTENTS of its external
+input files (the model directory, the documents, ...: see `pdengine.input_hashes`) and the
+fingerprint of the stage before it. A stage is skipped only when its fingerprint is
+unchanged, so an edited document reruns every stage that read it and every later one.
+One `pdengine run` at a time writes OUT (a `DirectoryLock`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+
+from pdengine import config as C
+from pdengine.errors import CommandError, InputError
+
+PIPELINE = ("generate", "answer", "prefill", "train", "eval")
+TOP_LEVEL_KEYS = ("model", "documents", "out", "eval_questions", "device", "system", "stages")
+ADAPTER_NAMES = {"pd": "prompt_distillation", "sft": "sft", "online_kl": "online_kl"}
+# stage -> (module, its settings dataclass)
+STAGE_CONFIGS = {
+    "generate": ("pdengine.qa", "GenerateConfig"),
+    "answer": ("pdengine.qa", "AnswerConfig"),
+    "prefill": ("pdengine.prefill", "PrefillConfig"),
+    "train": ("pdengine.train", "TrainConfig"),
+    "eval": ("pdengine.evaluate", "EvalConfig"),
+}
+# Section keys that are options of the stage's command but not settings (paths): name -> list?
+EXTRA_KEYS = {"train": {"replay_cache": False}, "eval": {"adapter": True}}
+# Options the pipeline sets itself (on the stage's namespace); a section cannot set them.
+CONTROLLED = {"generate": ("force",), "answer": ("force",), "prefill": ("force",), "train": ("resume",)}
+# What a finished stage leaves behind (relative to OUT).
+STAGE_OUTPUT = {"generate": "questions.jsonl", "answer": "qa.jsonl", "prefill": "cache",
+                "train": "train/adapter", "eval": "eval/report.json"}
+# Options whose values name input files or directories (their contents are fingerprinted).
+PATH_OPTIONS = ("model", "documents", "questions", "qa", "cache", "replay_cache", "judge_model")
+
+
+@dataclass
+class StagePlan:
+    """One stage, checked and ready: its settings, the namespace its `run(args)` gets,
+    and the external inputs its fingerprint covers."""
+
+    name: str
+    settings: object
+    namespace: argparse.Namespace
+    run: object
+    inputs: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+def _say(message: str) -> None:
+    print(f"[pdengine run] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the config file
+
+
+def load_config(path) -> dict:
+    """The config file as a dict (YAML or TOML); InputError when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} not found")
+    if path.suffix not in (".yaml", ".yml", ".toml"):
+        raise InputError(f"config file {path}: use .yaml, .yml or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+
+            config = tomllib.loads(text)
+        else:
+            import yaml
+
+            config = yaml.safe_load(text)
+    except Exception as e:  # UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError
+        raise InputError(f"config file {path}: cannot parse: {' '.join(str(e).split())}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"config file {path}: expected a mapping of keys at the top")
+    return config
+
+
+def check_top_level(config: dict) -> list[str]:
+    """The stages to run, in pipeline order; InputError for unknown or missing keys."""
+    valid = (*TOP_LEVEL_KEYS, *PIPELINE)
+    unknown = sorted(str(k) for k in config if k not in valid)
+    if unknown:
+        raise InputError(f"config: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    missing = [k for k in ("model", "documents", "out") if not config.get(k)]
+    if missing:
+        raise InputError(f"config: missing required key(s) {missing}")
+    for key in ("model", "documents", "out", "eval_questions", "device", "system"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise InputError(f"config: {key} must be a string, got {config[key]!r}")
+    stages = config.get("stages") or list(PIPELINE)
+    if isinstance(stages, str):
+        stages = [s.strip() for s in stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in PIPELINE]
+    if bad:
+        raise InputError(f"config: stages {bad} unknown; valid stages: {', '.join(PIPELINE)}")
+    for stage in PIPELINE:
+        if config.get(stage) is not None and not isinstance(config[stage], dict):
+            raise InputError(f"config: [{stage}] must be a mapping of options")
+    return [s for s in PIPELINE if s in stages]
+
+
+def wiring(config: dict, stages: list[str]) -> dict[str, dict]:
+    """What the pipeline passes to each stage (option -> value): the files that link the
+    stages, the model, device and system prompt. A section cannot set these."""
+    out = Path(config["out"])
+    common = {"model": config["model"], "device": config.get("device")}
+    prompts = {**common, "system": config.get("system"), "documents": config["documents"]}
+    adapters = []
+    if "train" in stages:
+        loss = str((config.get("train") or {}).get("loss", "pd"))
+        adapters.append(f"{ADAPTER_NAMES.get(loss, loss)}={out / 'train' / 'adapter'}")
+    return {
+        "generate": {**prompts, "out": out / "questions.jsonl"},
+        "answer": {**prompts, "questions": out / "questions.jsonl", "out": out / "qa.jsonl"},
+        "prefill": {**prompts, "qa": out / "qa.jsonl", "out": out / "cache"},
+        "train": {**common, "cache": out / "cache", "out": out / "train"},
+        "eval": {**prompts, "questions": config.get("eval_questions"), "out": out / "eval", "adapter": adapters},
+    }
+
+
+# ---------------------------------------------------------------- one stage's plan
+
+
+def config_class(stage: str):
+    module, name = STAGE_CONFIGS[stage]
+    try:
+        return getattr(import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise CommandError(f"stage {stage} is not available ({module}.{name}: {e})") from None
+
+
+def _legacy_keys(cls, section: dict) -> dict:
+    """Config files written for the old flags keep working: `no_progress: true` is
+    `progress: false` (a switch `--no-X` of a boolean setting X)."""
+    names = set(C.field_names(cls))
+    result = {}
+    for key, value in section.items():
+        name = str(key).replace("-", "_")
+        if name.startswith("no_") and name[3:] in names and name not in names and isinstance(value, bool):
+            result[name[3:]] = not value
+        else:
+            result[key] = value
+    return result
+
+
+def _split_section(stage: str, section: dict, wired: dict):
+    """(settings keys, extra options); InputError for keys the pipeline sets itself."""
+    extras, settings = {}, {}
+    for key, value in section.items():
+        name = str(key).replace("-", "_")
+        if (name in wired and name not in EXTRA_KEYS.get(stage, {})) or name in CONTROLLED.get(stage, ()):
+            raise InputError(f"[{stage}] cannot set {key!r}: the pipeline sets it"
+                             + (" (a top-level key)" if name in TOP_LEVEL_KEYS else ""))
+        (extras if name in EXTRA_KEYS.get(stage, {}) else settings)[key] = value
+    return settings, {str(k).replace("-", "_"): v for k, v in extras.items()}
+
+
+def _extra_value(stage: str, name: str, value):
+    is_list = EXTRA_KEYS[stage][name]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v for v in values) or (not is_list and len(values) != 1):
+        kind = "a list of strings" if is_list else "a string"
+        raise InputError(f"{stage}.{name}: expected {kind}, got {value!r}")
+    return values if is_list else values[0]
+
+
+def _wiring_argv(wired: dict) -> list[str]:
+    """The pipeline's own option values as `--flag=value` tokens (`=` keeps a value that
+    starts with '-' a value)."""
+    argv = []
+    for name, value in wired.items():
+        for v in (value if isinstance(value, list) else [value]):
+            if v is not None:
+                argv.append(f"--{name.replace('_', '-')}={v}")
+    return argv
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """An argument parser whose errors are InputErrors (it parses only the pipeline's wiring)."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+def plan_stage(stage: str, config: dict, wired: dict) -> StagePlan:
+    """Check a stage's section and build what its `run(args)` gets; nothing runs."""
+    from pdengine.cli import stage_functions
+
+    cls = config_class(stage)
+    settings_section, extras = _split_section(stage, _legacy_keys(cls, config.get(stage) or {}), wired)
+    wired = dict(wired)
+    overrides = {name: wired[name] for name in C.field_names(cls) if name in wired}  # e.g. prefill's system
+    settings = C.from_mapping(cls, settings_section, stage, **overrides)
+    for name, value in extras.items():
+        value = _extra_value(stage, name, value)
+        wired[name] = [*wired.get(name, []), *value] if isinstance(value, list) else value
+    add_arguments, run = stage_functions(stage)
+    parser = _RaisingParser(prog=f"pdengine {stage}", add_help=False)
+    add_arguments(parser)
+    try:
+        namespace = parser.parse_args(_wiring_argv({k: v for k, v in wired.items() if k not in overrides}))
+    except InputError as e:
+        raise CommandError(f"pdengine run cannot wire stage {stage}: {e}") from None  # a pdengine bug
+    for name in C.field_names(cls):
+        setattr(namespace, name, getattr(settings, name))
+    return StagePlan(stage, settings, namespace, run, inputs=_external_inputs(wired, settings, config["out"]))
+
+
+def _external_inputs(wired: dict, settings, out) -> list[str]:
+    """Input files and directories of a stage that no earlier stage wrote (those are
+    covered by the upstream fingerprint instead)."""
+    out = Path(out).resolve()
+    paths = [wired.get(name) or getattr(settings, name, None) for name in PATH_OPTIONS]
+    paths += [spec.partition("=")[2] for spec in wired.get("adapter", [])]
+    prompt = getattr(settings, "prompt", None)
+    if isinstance(prompt, str) and prompt.startswith("@"):
+        paths.append(prompt[1:])
+    inside = [p for p in paths if p and not Path(p).resolve().is_relative_to(out)]
+    return sorted(set(map(str, inside)))
+
+
+def plan_pipeline(config: dict, stages: list[str]) -> list[StagePlan]:
+    """Every stage's plan, in order: all sections are checked before any stage runs."""
+    wires = wiring(config, stages)
+    return [plan_stage(stage, config, wires[stage]) for stage in stages]
+
+
+# ---------------------------------------------------------------- fingerprints and markers
+
+
+def fingerprint(plan: StagePlan, upstream: str, hashes) -> str:
+    """The stage's settings + wiring + input contents + the previous stage's fingerprint."""
+    namespace = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(plan.namespace).items())}
+    blob = json.dumps({"stage": plan.name, "settings": C.to_dict(plan.settings), "args": namespace,
+                       "inputs": {path: hashes.digest(path) for path in plan.inputs}, "upstream": upstream},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def marker(out: Path, stage: str) -> Path:
+    return out / ".pdengine" / f"{stage}.done"
+
+
+def is_done(out: Path, stage: str, stage_fingerprint: str) -> bool:
+    path = marker(out, stage)
+    if not path.is_file() or not (out / STAGE_OUTPUT[stage]).exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == stage_fingerprint
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_pipeline(args) -> int:
+    """`pdengine run`: check every section, then run the stages in order, skipping the
+    finished ones (see `pdengine run --help`)."""
+    from pdengine.input_hashes import InputHashes
+    from pdengine.io import atomic_write_json
+    from pdengine.locking import DirectoryLock
+
+    config = load_config(args.config)
+    stages = check_top_level(config)
+    if "eval" in stages and not config.get("eval_questions"):
+        _say("eval: skipped (no eval_questions in the config)")
+        stages.remove("eval")
+    plans = plan_pipeline(config, stages)  # raises before OUT is touched
+    out = Path(config["out"])
+    with DirectoryLock(out, "pdengine run"):
+        hashes = InputHashes(out / ".pdengine" / "input-hashes.json")
+        upstream = ""
+        for plan in plans:
+            plan.fingerprint = upstream = fingerprint(plan, upstream, hashes)
+        hashes.save()
+        redo = False
+        for plan in plans:
+            redo = redo or (args.force is not None and PIPELINE.index(plan.name) >= PIPELINE.index(args.force))
+            if not redo and is_done(out, plan.name, plan.fingerprint):
+                _say(f"{plan.name}: done already, skipped")
+                continue
+            fresh = redo or marker(out, plan.name).is_file()  # a changed fingerprint starts afresh
+            _run_stage(plan, out, fresh)
+            atomic_write_json(marker(out, plan.name), {"fingerprint": plan.fingerprint,
+                                                       "settings": C.to_dict(plan.settings),
+                                                       "inputs": {p: hashes.digest(p) for p in plan.inputs}})
+            redo = True  # everything after a stage that ran is redone
+    _say(f"finished; outputs in {out}")
+    return 0
+
+
+def _run_stage(plan: StagePlan, out: Path, fresh: bool) -> None:
+    marker(out, plan.name).unlink(missing_ok=True)  # an interrupted stage is never "done"
+    namespace = argparse.Namespace(**vars(plan.namespace))
+    if "force" in CONTROLLED.get(plan.name, ()):  # prefill resumes an interrupted cache; others overwrite
+        namespace.force = fresh if plan.name == "prefill" else True
+    if plan.name == "train":
+        if fresh and (out / "train").exists():
+            shutil.rmtree(out / "train")  # the pipeline's own training directory
+        namespace.resume = True  # continues an interrupted run; a fresh start otherwise
+    _say(f"{plan.name}: running")
+    try:
+        code = plan.run(namespace)
+    except InputError as e:
+        raise InputError(f"[{plan.name}] {e}") from None
+    if code:
+        raise CommandError(f"stage {plan.name} failed (exit code {code})", code=int(code))
