@@ -93,7 +93,7 @@ def model_differences(cached: dict, given: dict) -> list[str]:
     problems = []
     if cached.get("vocab_size") != given["vocab_size"]:
         problems.append(f"vocab size: cache {cached.get('vocab_size')}, given {given['vocab_size']}")
-    old_config, new_config = cached.get("config") or {}, given["config"]
+    old_config, new_config = _flat(cached.get("config") or {}), _flat(given["config"])
     for key in sorted(set(old_config) | set(new_config)):
         if old_config.get(key, "<absent>") != new_config.get(key, "<absent>"):
             problems.append(f"config.{key}: cache {_short(old_config.get(key, '<absent>'))}, "
@@ -105,6 +105,18 @@ def model_differences(cached: dict, given: dict) -> list[str]:
         problems.append(f"model fingerprint: cache {cached.get('fingerprint')}, given {given['fingerprint']}, "
                         "although config, weights and vocabulary agree (was the manifest edited?)")
     return problems
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Nested config dicts as dotted keys, so a difference names the innermost field
+    (`rope_parameters.rope_theta`)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _short(value, limit: int = 60) -> str:
