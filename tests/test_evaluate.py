@@ -1,11 +1,17 @@
-"""Evaluation: SQuAD metrics, BM25, answering methods, judge parsing, reports."""
+"""Evaluation: SQuAD metrics, answering methods, pd_rag, judge parsing, input checks, reports."""
+import argparse
 import json
 
 import pytest
+from helpers import QA_DOCS as DOCS
+from helpers import qa_model as tiny_model
+from helpers import qa_tokenizer as tiny_tokenizer
+from helpers import save_tiny
 
+from pdengine import cli, generation, prompts
+from pdengine import config as C
 from pdengine import evaluate as ev
-from pdengine import prompts, qa
-from test_qa import DOCS, tiny_model, tiny_tokenizer
+from pdengine.errors import InputError
 
 QUESTIONS = [
     {"doc_id": "d1", "question": "where does Ada live ?", "answer": "Oslo"},
@@ -54,37 +60,10 @@ def test_score_means_and_multiple_references():
     assert result["contains"] == pytest.approx(2 / 3)
     assert result["f1"] == pytest.approx((1 + 0 + 2 / 3) / 3)
     assert result["n"] == 3
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(InputError, match="differ in length"):
         ev.score(["a"], ["a", "b"])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         ev.score([], [])
-
-
-# ---------------------------------------------------------------- BM25
-
-
-def test_bm25_ranks_rare_matching_terms_first():
-    texts = ["the cat sat on the mat", "Ada lives in Oslo", "the dog and the cat", "Oslo is cold"]
-    index = ev.BM25(texts)
-    assert index.top("where does Ada live in Oslo", 2) == [1, 3]
-    assert index.top("cat", 2) == [2, 0]  # same tf: the shorter text (5 words vs 6) first
-    scores = index.scores("zebra")
-    assert scores == [0.0] * 4
-
-
-def test_bm25_length_normalisation():
-    index = ev.BM25(["oslo", "oslo " + "filler " * 30, "rome"])
-    s = index.scores("oslo")
-    assert s[0] > s[1] > s[2] == 0.0
-
-
-def test_retrieve_splits_long_documents_into_passages():
-    docs = [{"id": "long", "text": "alpha " * 10 + "Oslo " + "beta " * 10}, {"id": "short", "text": "Rome Rome"}]
-    passages = ev.split_passages(docs, passage_words=8)
-    assert [p["doc_id"] for p in passages] == ["long"] * 3 + ["short"]
-    hits = ev.retrieve(docs, [{"question": "Oslo ?"}, {"question": "Rome ?"}], top_n=1, passage_words=8)
-    assert hits[0]["doc_ids"] == ["long"] and "Oslo" in hits[0]["context"]
-    assert hits[1] == {"context": "Rome Rome", "doc_ids": ["short"]}
 
 
 # ---------------------------------------------------------------- answering
@@ -98,7 +77,7 @@ def test_methods_build_the_right_prompts(monkeypatch):
         seen.append(prompt_ids)
         return [[] for _ in prompt_ids]
 
-    monkeypatch.setattr(qa, "generate_ids", fake_generate)
+    monkeypatch.setattr(generation, "generate_ids", fake_generate)
     tok = tiny_tokenizer()
     q = QUESTIONS[1:2]
     ev.answer_closed_book(None, tok, q, progress=False)
@@ -144,16 +123,109 @@ def test_evaluate_and_write_report_on_tiny_model(tmp_path):
 
 def test_evaluate_errors():
     tok = tiny_tokenizer()
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(InputError, match="methods must be a subset of closed_book, open_book, rag, pd_rag"):
         ev.evaluate(None, tok, DOCS, QUESTIONS, methods=("oracle",))
-    with pytest.raises(ValueError, match=r"questions\[0\]"):
+    with pytest.raises(InputError, match=r"questions\[0\] has no 'answer'"):
         ev.evaluate(None, tok, DOCS, [{"question": "x"}])
-    with pytest.raises(ValueError, match="unknown doc_id"):
+    with pytest.raises(InputError, match="doc_id 'zz' is not among the documents"):
         ev.answer_open_book(None, tok, DOCS, [{"doc_id": "zz", "question": "x"}])
-    with pytest.raises(ValueError, match="extra must not override"):
+    with pytest.raises(InputError, match="extra must not override"):
         ev.write_report("/tmp/unused", {"a": {"f1": 1.0}}, [], extra={"methods": {}})
 
 
 def test_markdown_table_percentages():
     table = ev.markdown_table({"base": {"exact_match": 0.5, "f1": 0.25, "contains": 1.0}})
     assert "| base | 50.0 | 25.0 | 100.0 |" in table
+
+
+# ---------------------------------------------------------------- pd_rag
+
+
+def test_pd_rag_is_the_pd_student_with_the_retrieved_passages(monkeypatch, capsys):
+    calls = []
+
+    def fake_generate(model, tokenizer, prompt_ids, **kwargs):
+        calls.append((model, kwargs["desc"], prompt_ids))
+        return [[] for _ in prompt_ids]
+
+    monkeypatch.setattr(generation, "generate_ids", fake_generate)
+    tok = tiny_tokenizer()
+    metrics, per_q = ev.evaluate("base", tok, DOCS, QUESTIONS, students={"prompt_distillation": "pd"},
+                                 rag_top_n=1, progress=False)
+    assert list(metrics) == ["base_closed_book", "teacher_open_book", "rag_bm25", "prompt_distillation", "pd_rag"]
+    by_desc = {desc: (model, ids) for model, desc, ids in calls}
+    assert by_desc["pd + rag"][0] == "pd" and by_desc["rag"][0] == "base"
+    assert by_desc["pd + rag"][1] == by_desc["rag"][1]  # the same retrieved passages, the same prompts
+    assert per_q[1]["retrieved"] == ["d2"]
+    ev.evaluate("base", tok, DOCS, QUESTIONS, students={"sft": "s"}, progress=False)
+    assert "pd_rag skipped: no student named prompt_distillation" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("documents, questions, needle", [
+    (DOCS + [{"id": "d1", "text": "Bo lives in Oslo ."}], QUESTIONS, "duplicate document id 'd1'"),
+    ([{"id": "d1", "text": " "}, DOCS[1]], QUESTIONS, r"documents\[0\] \(id 'd1'\): the text is empty"),
+    (DOCS, [{**QUESTIONS[0], "answer": 3}], r"questions\[0\]: a reference answer must be a string"),
+    (DOCS, [{**QUESTIONS[0], "answer": [True]}], r"questions\[0\]: a reference answer must be a string"),
+    (DOCS, [{**QUESTIONS[0], "question": ["x"]}], r"questions\[0\] must be an object with a non-empty string"),
+    (DOCS, [{**QUESTIONS[0], "doc_id": "d9"}], "doc_id 'd9' is not among the documents"),
+])
+def test_bad_documents_and_questions_are_refused_before_answering(documents, questions, needle):
+    with pytest.raises(InputError, match=needle):
+        ev.evaluate(None, tiny_tokenizer(), documents, questions)
+
+
+def test_eval_settings_define_the_flags():
+    parser = argparse.ArgumentParser()
+    ev.add_arguments(parser)
+    wiring = ["--model", "m", "--documents", "d", "--questions", "q", "--out", "o"]
+    assert C.from_args(ev.EvalConfig, parser.parse_args(wiring)) == ev.EvalConfig()
+    got = C.from_args(ev.EvalConfig, parser.parse_args([*wiring, "--methods", "rag,pd_rag", "--no-progress"]))
+    assert got == ev.EvalConfig(methods=("rag", "pd_rag"), progress=False)
+    assert C.from_mapping(ev.EvalConfig, {"methods": []}, "eval").methods == ()
+    with pytest.raises(InputError, match="eval: methods must be a subset"):
+        C.from_mapping(ev.EvalConfig, {"methods": ["oracle"]}, "eval")
+
+
+@pytest.fixture
+def eval_files(tmp_path):
+    model = save_tiny(tmp_path / "model")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    argv = ["eval", "--model", str(model), "--documents", str(tmp_path / "docs.jsonl"),
+            "--questions", str(tmp_path / "eval.jsonl"), "--max-new-tokens", "2", "--no-progress"]
+    return tmp_path, argv
+
+
+def _one_error_line(capsys) -> str:
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_eval_cli_one_line_errors(eval_files, capsys):
+    tmp, argv = eval_files
+    (tmp / "file").write_text("x")
+    assert cli.main([*argv, "--out", str(tmp / "file")]) == 2
+    assert "--out" in _one_error_line(capsys) and (tmp / "file").read_text() == "x"
+    (tmp / "eval.jsonl").write_text(json.dumps({**QUESTIONS[0], "answer": {"a": 1}}) + "\n")
+    assert cli.main([*argv, "--out", str(tmp / "r")]) == 2
+    assert "a reference answer must be a string" in _one_error_line(capsys)
+    (tmp / "docs.jsonl").write_text(json.dumps(DOCS[0]) + "\n" + json.dumps(DOCS[0]) + "\n")
+    assert cli.main([*argv, "--out", str(tmp / "r")]) == 2
+    assert "duplicate document id 'd1'" in _one_error_line(capsys)
+
+
+def test_eval_holds_a_lock_on_its_output_directory(eval_files, capsys):
+    from pdengine.locking import DirectoryLock
+
+    tmp, argv = eval_files
+    with DirectoryLock(tmp / "r", purpose="another eval"):
+        assert cli.main([*argv, "--out", str(tmp / "r")]) == 2
+        assert "in use by another pdengine process" in _one_error_line(capsys)
+    assert not (tmp / "r" / "report.json").exists()
+    assert cli.main([*argv, "--out", str(tmp / "r"), "--methods", "closed_book"]) == 0
+    report = json.loads((tmp / "r" / "report.json").read_text())
+    assert list(report["methods"]) == ["base_closed_book"] and report["settings"]["max_new_tokens"] == 2

@@ -1,46 +1,16 @@
-"""Question generation and teacher answers: parsing, filtering, dedupe, batched generation."""
+"""Question generation and teacher answers: parsing, filtering, dedupe, settings, CLI checks."""
+import argparse
+import json
+
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from helpers import QA_DOCS as DOCS
+from helpers import qa_model as tiny_model
+from helpers import qa_tokenizer as tiny_tokenizer
+from helpers import save_tiny
 
-from pdengine import prompts, qa
-
-WORDS = (
-    "<pad> <eos> <unk> user: assistant: system: \n ? . , 1. 2. - who where what is lives in "
-    "the a cat sat on mat Ada Oslo Bo Rome works as baker"
-).split(" ")
-CHAT = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-DOCS = [
-    {"id": "d1", "text": "Ada lives in Oslo . Ada works as baker ."},
-    {"id": "d2", "text": "Bo lives in Rome ."},
-]
-
-
-def tiny_tokenizer(chat_template=CHAT):
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.chat_template = chat_template
-    return fast
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def save_tiny(path, seed=0):
-    tiny_model(seed).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+from pdengine import cli, generation, prompts, qa
+from pdengine import config as C
+from pdengine.errors import InputError
 
 
 # ---------------------------------------------------------------- parsing
@@ -100,33 +70,7 @@ def test_question_set_dedupes_and_caps():
     assert qs.questions == ["Who is Ada?", "Where is Bo?"] and qs.full
 
 
-# ---------------------------------------------------------------- generation
-
-
-def test_left_pad_aligns_right():
-    ids, mask = qa.left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
-def test_batched_greedy_matches_one_by_one():
-    model, tok = tiny_model(), tiny_tokenizer()
-    prompt_list = [prompts.student_prompt_ids(tok, q) for q in ["who is Ada ?", "where is the cat on a mat ?", "Bo ?"]]
-    batched = qa.generate_ids(model, tok, prompt_list, max_new_tokens=6, batch_size=3, progress=False)
-    single = [qa.generate_ids(model, tok, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in prompt_list]
-    assert batched == single
-    assert all(tok.eos_token_id not in ids and tok.pad_token_id not in ids for ids in batched)
-
-
-def test_generation_restores_global_rng_and_leaves_tokenizer_alone():
-    model, tok = tiny_model(), tiny_tokenizer()
-    side, pad = tok.padding_side, tok.pad_token
-    torch.manual_seed(123)
-    before = torch.rand(1)
-    torch.manual_seed(123)
-    qa.generate_ids(model, tok, [[3, 9]], temperature=1.5, max_new_tokens=3, progress=False)
-    assert torch.equal(torch.rand(1), before)
-    assert (tok.padding_side, tok.pad_token) == (side, pad)
+# ---------------------------------------------------------------- questions and answers
 
 
 def test_generate_questions_structure_and_determinism():
@@ -150,7 +94,7 @@ def test_generate_questions_respects_max_calls(monkeypatch):
         calls.append(len(prompt_ids))
         return [tokenizer("who is Ada ? \n who is Ada ?").input_ids for _ in prompt_ids]
 
-    monkeypatch.setattr(qa, "generate_ids", fake_generate)
+    monkeypatch.setattr(generation, "generate_ids", fake_generate)
     tok = tiny_tokenizer()
     rows = qa.generate_questions(None, tok, DOCS, n_questions=4, per_call=2, max_calls=3, progress=False)
     # every call repeats one question: each document keeps 1 and stops after 3 calls
@@ -160,13 +104,13 @@ def test_generate_questions_respects_max_calls(monkeypatch):
 
 def test_generate_questions_custom_prompt_and_errors():
     model, tok = tiny_model(), tiny_tokenizer()
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(InputError, match="placeholder"):
         qa.generate_questions(model, tok, DOCS, prompt="{nope}", progress=False)
-    with pytest.raises(ValueError, match="n_questions"):
+    with pytest.raises(InputError, match="n_questions"):
         qa.generate_questions(model, tok, DOCS, n_questions=0)
-    with pytest.raises(ValueError, match="documents is empty"):
+    with pytest.raises(InputError, match="documents is empty"):
         qa.generate_questions(model, tok, [])
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(InputError, match="temperature"):
         qa.generate_questions(model, tok, DOCS, temperature=-1.0, progress=False)
 
 
@@ -182,7 +126,7 @@ def test_answer_questions_structure_ids_and_determinism():
         assert r["answer_ids"] == prompts.strip_end_of_turn(r["answer_ids"], tok)
         assert tok.eos_token_id not in r["answer_ids"] and len(r["answer_ids"]) <= 6
         assert r["answer"] == tok.decode(r["answer_ids"], skip_special_tokens=True).strip()
-    with pytest.raises(ValueError, match="doc_id 'zz'"):
+    with pytest.raises(InputError, match="doc_id 'zz'"):
         qa.answer_questions(model, tok, DOCS, [{"doc_id": "zz", "question": "x"}], progress=False)
 
 
@@ -193,17 +137,108 @@ def test_answers_follow_the_teacher_prompt(monkeypatch):
         seen.extend(prompt_ids)
         return [[9, 10] for _ in prompt_ids]
 
-    monkeypatch.setattr(qa, "generate_ids", fake_generate)
+    monkeypatch.setattr(generation, "generate_ids", fake_generate)
     tok = tiny_tokenizer()
     rows = qa.answer_questions(None, tok, DOCS, [{"doc_id": "d2", "question": "who is Bo ?"}], progress=False)
     assert seen == [prompts.teacher_prompt_ids(tok, DOCS[1]["text"], "who is Bo ?")]
     assert rows[0]["answer_ids"] == [9, 10]
 
 
-def test_model_eos_ids_also_stop_generation():
-    model, tok = tiny_model(), tiny_tokenizer()
-    model.generation_config.eos_token_id = [1, 9]
-    assert qa.stop_ids(model, tok) == [1, 9]
-    assert qa._cut_at_stop([5, 6, 9, 7, 1], {1, 9}, tok) == [5, 6]
-    outs = qa.generate_ids(model, tok, [[3, 4], [3, 5, 6]], temperature=1.5, max_new_tokens=8, progress=False)
-    assert all(9 not in ids and 1 not in ids for ids in outs)
+def test_integer_document_ids_are_strings_everywhere(monkeypatch):
+    docs = [{"id": 1, "text": "Ada lives in Oslo ."}]
+    monkeypatch.setattr(generation, "generate_ids", lambda m, tok, p, **k: [[9, 10] for _ in p])
+    rows = qa.answer_questions(None, tiny_tokenizer(), docs, [{"doc_id": "1", "question": "who ?"}], progress=False)
+    assert rows[0]["doc_id"] == "1"
+    with pytest.raises(InputError, match="duplicate document id '1'"):
+        qa.answer_questions(None, tiny_tokenizer(), docs + [{"id": "1", "text": "x"}], [], progress=False)
+
+
+# ---------------------------------------------------------------- reported drops
+
+
+def test_fewer_questions_than_asked_is_one_warning_with_counts(monkeypatch, capsys):
+    monkeypatch.setattr(generation, "generate_ids",
+                        lambda m, tok, p, **k: [tok("who is Ada ?").input_ids for _ in p])
+    rows = qa.generate_questions(None, tiny_tokenizer(), DOCS, n_questions=4, per_call=2, max_calls=2,
+                                 progress=False)
+    assert len(rows) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert lines == ["generate: warning: 2 of 2 documents got fewer than 4 questions (2 of 8 written); "
+                     "raise --max-calls or check the prompt"]
+
+
+def test_empty_answers_are_dropped_and_counted(monkeypatch, capsys):
+    monkeypatch.setattr(generation, "generate_ids", lambda m, tok, p, **k: [[], [9, 10], [6]][:len(p)])
+    questions = [{"doc_id": "d1", "question": q} for q in ("who is Ada ?", "where is Ada ?", "what is Ada ?")]
+    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, progress=False)
+    # [] has no token; [6] decodes to the blank "\n": both dropped, never trained on
+    assert [r["question"] for r in rows] == ["where is Ada ?"]
+    assert "answer: dropped 2 of 3 answers that were empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("add, cls, wiring", [
+    (qa.add_generate_arguments, qa.GenerateConfig, []),
+    (qa.add_answer_arguments, qa.AnswerConfig, ["--questions", "q"]),
+])
+def test_stage_settings_define_the_flags_and_their_defaults(add, cls, wiring):
+    parser = argparse.ArgumentParser()
+    add(parser)
+    wiring = ["--model", "m", "--documents", "d", "--out", "o", *wiring]
+    assert C.from_args(cls, parser.parse_args(wiring)) == cls()
+    assert C.from_args(cls, parser.parse_args([*wiring, "--no-progress", "--seed", "4"])) == cls(progress=False, seed=4)
+
+
+def test_config_sections_are_checked():
+    assert C.from_mapping(qa.GenerateConfig, {"n-questions": 3, "top_k": 0}, "generate").n_questions == 3
+    with pytest.raises(InputError, match="generate.per_call: expected an integer"):
+        C.from_mapping(qa.GenerateConfig, {"per_call": "many"}, "generate")
+    with pytest.raises(InputError, match="answer: temperature must be a finite number"):
+        C.from_mapping(qa.AnswerConfig, {"temperature": float("inf")}, "answer")
+    with pytest.raises(InputError, match="n_answers must be > 0"):
+        qa.answer_questions(None, tiny_tokenizer(), DOCS, [], n_answers=0)
+
+
+def test_question_prompt_from_a_file(tmp_path):
+    (tmp_path / "p.txt").write_text("Ask {n} about {document}")
+    assert qa.question_prompt_text("@" + str(tmp_path / "p.txt")) == "Ask {n} about {document}"
+    assert qa.question_prompt_text(None) == qa.DEFAULT_QUESTION_PROMPT
+    with pytest.raises(InputError, match="not found"):
+        qa.question_prompt_text("@" + str(tmp_path / "none.txt"))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = save_tiny(tmp_path / "model")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"doc_id": "d1", "question": "where is Ada ?"}) + "\n")
+    return tmp_path, ["--model", str(model), "--documents", str(tmp_path / "docs.jsonl"), "--no-progress"]
+
+
+def test_answer_refuses_to_overwrite_without_force(files, capsys):
+    tmp, common = files
+    out = tmp / "qa.jsonl"
+    out.write_text("precious\n")
+    argv = ["answer", *common, "--questions", str(tmp / "q.jsonl"), "--out", str(out), "--max-new-tokens", "3",
+            "--temperature", "0"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists already; pass --force" in err[0]
+    assert out.read_text() == "precious\n"
+    assert cli.main([*argv, "--force"]) == 0
+    assert json.loads(out.read_text())["answer_ids"] == [9, 22, 9]  # the tiny model's greedy answer
+
+
+def test_generate_refuses_bad_documents_before_loading(files, capsys):
+    tmp, common = files
+    (tmp / "docs.jsonl").write_text(json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": "a", "text": "y"}))
+    assert cli.main(["generate", *common, "--out", str(tmp / "o.jsonl")]) == 2
+    assert "duplicate document id 'a'" in capsys.readouterr().err
+    (tmp / "docs.jsonl").write_text(json.dumps({"id": "a", "text": "  "}) + "\n")
+    assert cli.main(["generate", *common, "--out", str(tmp / "o.jsonl")]) == 2
+    assert "text is empty" in capsys.readouterr().err
