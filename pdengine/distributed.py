@@ -1,0 +1,108 @@
+"""torch.distributed under `torchrun`: who am I, how the work is split, how results come back.
+
+`torchrun --nproc_per_node N -m pdengine <command> ...` starts N processes with RANK,
+WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT set; `context()` joins them into one process
+group (NCCL on CUDA, gloo on CPU). Without torchrun, `context()` is a one-process context
+and nothing else changes: every helper below is then the identity.
+
+The rules every stage follows (docs/DESIGN.md, "Distributed"):
+- work is split in *units the one-process run already has* (a document with all its QA
+  pairs, a generation batch), assigned round-robin, so each unit is computed exactly as a
+  single process computes it and the gathered result is identical, not merely close;
+- results are gathered on rank 0 in the one-process order; only rank 0 writes shared files
+  and prints progress;
+- an error on any rank ends that process with exit code 2 (bad input) or 1; torchrun then
+  stops the other ranks, so nobody waits forever in a collective.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def device(self) -> torch.device:
+        """cuda:LOCAL_RANK when CUDA is there, else the CPU."""
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def my_units(self, n_units: int) -> list[int]:
+        """The unit indices this rank computes: round-robin over ranks."""
+        return list(range(self.rank, n_units, self.world_size))
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather_units(self, results: dict[int, object], n_units: int) -> list | None:
+        """{unit index: result} of every rank -> the results of all units in unit order, on
+        rank 0 (None on the others). One-process: the same list, in order."""
+        if self.distributed:
+            parts = [None] * self.world_size if self.is_main else None
+            dist.gather_object(results, parts, dst=0)
+            if not self.is_main:
+                return None
+            results = {i: r for part in parts for i, r in part.items()}
+        missing = sorted(set(range(n_units)) - set(results))
+        if missing:
+            raise RuntimeError(f"units {missing[:5]} were computed by no rank")
+        return [results[i] for i in range(n_units)]
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of `tensor` (in place; returned for convenience)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+_CONTEXT: Context | None = None
+
+
+def context() -> Context:
+    """The job's context, joining the process group on first use when launched by torchrun."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        _CONTEXT = Context(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                           local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(_CONTEXT.local_rank)
+            timeout = datetime.timedelta(seconds=int(os.environ.get("PDENGINE_DIST_TIMEOUT", "1800")))
+            dist.init_process_group(backend=backend, timeout=timeout)
+    return _CONTEXT
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a command)."""
+    global _CONTEXT
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = None
