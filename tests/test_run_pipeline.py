@@ -1,0 +1,139 @@
+"""`pdengine run`: every section checked before the first stage, fingerprints over input
+contents (an edited document reruns its stage and every later one), one run per OUT."""
+import json
+import os
+
+import pytest
+import yaml
+from helpers import QA_DOCS, save_tiny
+
+from pdengine import cli, config, pipeline
+from pdengine.input_hashes import InputHashes
+from pdengine.io import write_jsonl
+from pdengine.locking import DirectoryLock
+
+FAST = dict(generate={"n_questions": 2, "per_call": 2, "max_new_tokens": 12, "batch_size": 4, "progress": False},
+            answer={"max_new_tokens": 5, "progress": False})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", QA_DOCS)
+    return tmp_path
+
+
+def _config(data, model_dir, **extra):
+    base = dict(model=str(model_dir), documents=str(data / "docs.jsonl"), out=str(data / "run"))
+    path = data / "run.yaml"
+    path.write_text(yaml.safe_dump({**base, **extra}))
+    return path
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("stage, section, message", [
+    ("train", {"lr": float("nan")}, "train: lr must be a finite number"),
+    ("eval", {"max_new_tokens": 0}, "eval: max_new_tokens must be > 0"),
+    ("prefill", {"temperature": float("inf")}, "prefill: temperature must be a finite number"),
+    ("train", {"loss": "pdd"}, "train: loss must be one of"),
+])
+def test_a_bad_value_in_any_section_stops_the_run_before_the_first_stage(model_dir, data, capsys, stage, section,
+                                                                         message):
+    write_jsonl(data / "eval.jsonl", [{"doc_id": "d1", "question": "who ?", "answer": "Ada"}])
+    cfg = _config(data, model_dir, eval_questions=str(data / "eval.jsonl"), **FAST, **{stage: section})
+    assert cli.main(["run", "--config", str(cfg)]) == 2
+    assert message in _error_line(capsys)
+    assert not (data / "run").exists(), "generate must not have run"
+
+
+def test_the_help_examples_are_valid_sections():
+    lines = [line.split("#")[0] for line in cli._RUN_DESCRIPTION.splitlines() if line.startswith("  ")]
+    example = yaml.safe_load("\n".join(line[2:] for line in lines))
+    for stage in pipeline.PIPELINE:
+        config.from_mapping(pipeline.config_class(stage), example[stage], stage)
+    assert example["eval"]["methods"] == ["closed_book", "open_book", "rag"]
+
+
+def test_legacy_switch_keys_still_work():
+    prefill_class = pipeline.config_class("prefill")
+    assert pipeline._legacy_keys(prefill_class, {"no_progress": True, "k": 4}) == {"progress": False, "k": 4}
+    assert pipeline._legacy_keys(prefill_class, {"no-progress": False}) == {"progress": True}
+
+
+def test_an_edited_document_reruns_its_stage_and_every_later_one(model_dir, data, capsys):
+    cfg = _config(data, model_dir, stages="generate,answer", **FAST)
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    assert capsys.readouterr().err.count("done already, skipped") == 2
+
+    stat = (data / "docs.jsonl").stat()
+    os.utime(data / "docs.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    assert capsys.readouterr().err.count("done already, skipped") == 2
+
+    edited = [dict(QA_DOCS[0]), QA_DOCS[1]]
+    edited[0]["text"] = edited[0]["text"].replace("Oslo", "Rome")  # same length, same path
+    write_jsonl(data / "docs.jsonl", edited)
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "generate: running" in err and "answer: running" in err and "skipped" not in err
+
+
+def test_an_edited_model_reruns_everything(model_dir, data, tmp_path_factory, capsys):
+    model = save_tiny(tmp_path_factory.mktemp("own") / "model")
+    cfg = _config(data, model, stages="generate", **FAST)
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    config_file = model / "config.json"
+    config_file.write_text(config_file.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    assert "generate: running" in capsys.readouterr().err
+
+
+def test_input_hashes_hash_a_file_once_until_it_changes(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    memo = tmp_path / "memo.json"
+    first = InputHashes(memo)
+    digest = first.digest(big)
+    first.save()
+    assert first.hashed == [str(big.resolve())] and digest["size"] == 3 << 20
+    again = InputHashes(memo)
+    assert again.digest(big) == digest and again.hashed == []  # remembered, not re-read
+    big.write_bytes(b"x" + big.read_bytes()[1:])
+    os.utime(big, ns=(0, 12345))
+    changed = InputHashes(memo).digest(big)
+    assert changed["size"] == digest["size"] and changed["sha256"] != digest["sha256"]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("a")
+    (tmp_path / "d" / ".pdengine.lock").write_text("123")
+    assert list(InputHashes(memo).digest(tmp_path / "d")) == ["a.txt"]
+    assert InputHashes(memo).digest(tmp_path / "nope") == "missing"
+
+
+def test_a_second_run_on_the_same_out_is_refused(model_dir, data, capsys):
+    cfg = _config(data, model_dir, stages="generate", **FAST)
+    with DirectoryLock(data / "run", "pdengine run (another)"):
+        assert cli.main(["run", "--config", str(cfg)]) == 2
+        line = _error_line(capsys)
+    assert "is in use by another pdengine process" in line and f"pid {os.getpid()}" in line
+    assert not (data / "run" / "questions.jsonl").exists()
+
+
+def test_marker_records_the_settings_and_input_digests(model_dir, data):
+    cfg = _config(data, model_dir, stages="generate", **FAST)
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    done = json.loads((data / "run" / ".pdengine" / "generate.done").read_text())
+    assert done["settings"]["n_questions"] == 2
+    docs = str(data / "docs.jsonl")
+    assert len(done["inputs"][docs]["sha256"]) == 64 and str(model_dir) in done["inputs"]
