@@ -7,15 +7,16 @@
   `lm_head_lora(model)` into the fused loss; generation calls the module as usual.
 - `disable_adapters` (the teacher = the same model without its adapters), `merge_adapter`.
 - `save_adapter` / `load_adapter` read and write `adapter_config.json` +
-  `adapter_model.safetensors` exactly as PEFT does (keys
+  `adapter_model.safetensors` (files: `pdengine.peft_format`) exactly as PEFT does (keys
   `base_model.model.<module>.lora_A.weight`, `.lora_embedding_A`, ...), so PEFT, vLLM and
-  other PEFT readers load our adapters and we load theirs. Unlike PEFT, loading fails
-  with a ValueError on missing, unexpected or wrongly shaped keys.
+  other PEFT readers load our adapters and we load theirs; PEFT's older pickled
+  `adapter_model.bin` loads through `torch.load(weights_only=True)`, never unsafely.
+  Unlike PEFT, loading fails with an InputError (one line naming the file) on a missing,
+  truncated or refused file and on missing, unexpected or wrongly shaped keys.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from pathlib import Path
@@ -24,13 +25,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pdengine.io import atomic_write_bytes, atomic_write_json
+from pdengine import peft_format
+from pdengine.errors import InputError
 from pdengine.ops.lora_linear import lora_linear
+from pdengine.peft_format import KEY_PREFIX
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 
 
 def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -315,103 +315,14 @@ def _peft_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _peft_config(model) -> dict:
+def save_adapter(model, path) -> Path:
+    """Write the model's LoRA adapter to directory `path` in PEFT's format; returns path."""
     cfg = getattr(model, "pdengine_lora_config", None)
     if cfg is None:
         raise ValueError("model has no LoRA adapters (call add_lora or load_adapter first)")
     base_name = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name or None,
-        "r": cfg["r"],
-        "lora_alpha": cfg["lora_alpha"],
-        "lora_dropout": cfg["lora_dropout"],
-        "use_rslora": cfg["use_rslora"],
-        "target_modules": cfg["target_modules"],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "exclude_modules": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_dora": False,
-        "lora_bias": False,
-        "revision": None,
-        "auto_mapping": None,
-    }
-
-
-def save_adapter(model, path) -> Path:
-    """Write the model's LoRA adapter to directory `path` in PEFT's format; returns path."""
-    from safetensors.torch import save
-
-    path = Path(path)
-    config = _peft_config(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in _peft_state_dict(model).items()}
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    atomic_write_json(path / CONFIG_NAME, config)
-    return path
-
-
-# Adapter features pdengine does not implement: refuse rather than load something else.
-_UNSUPPORTED = {
-    "use_dora": (False, None),
-    "lora_bias": (False, None),
-    "bias": ("none", None),
-    "fan_in_fan_out": (False, None),
-    "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
-    "exclude_modules": (None, [], ""),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None, {}),
-}
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise ValueError(f"adapter path {path} is not a directory")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise ValueError(f"adapter path {path} has no {name}")
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from None
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path / CONFIG_NAME}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise ValueError(f"{path / CONFIG_NAME}: missing {key!r}")
-    for key, allowed in _UNSUPPORTED.items():
-        if config.get(key, allowed[0]) not in allowed:
-            raise ValueError(f"{path / CONFIG_NAME}: {key}={config[key]!r} is not supported by pdengine")
-    return config
-
-
-def _check_keys(path: Path, expected: dict, found: dict, base_keys: set) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - base_keys)
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter {path} does not fit this model ({len(missing)} missing keys, e.g. "
-            f"{missing[:3]}; {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}): "
-            "is it for another architecture?"
-        )
-    for key, tensor in found.items():
-        target = expected.get(key)
-        if target is not None and tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"adapter {path}: {key} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(target.shape)}"
-            )
+    return peft_format.write_adapter(path, peft_format.adapter_config(cfg, base_name), tensors)
 
 
 def _base_layer_keys(model, found: dict) -> dict[str, torch.Tensor]:
@@ -443,24 +354,26 @@ def load_adapter(model, path):
     """Load a PEFT-format LoRA adapter from directory `path` into `model` (in place).
 
     Adds the LoRA layers the config names when the model has none; a model that already
-    has LoRA layers must have exactly the adapter's. Raises ValueError for a missing file,
-    an unsupported PEFT feature, or keys that are missing, unexpected or wrongly shaped.
+    has LoRA layers must have exactly the adapter's. Raises InputError for a missing,
+    truncated or refused file, an unsupported PEFT feature, or keys that are missing,
+    unexpected or wrongly shaped.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
-    config = _read_config(path)
-    found = load_file(str(path / WEIGHTS_NAME))
+    config = peft_format.read_config(path)
+    found = peft_format.read_weights(path)
     if lora_modules(model):
         _copy_adapter(model, path, found)
         _apply_hyperparameters(model, config)
         return model
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    add_lora(model, int(config["r"]), config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
-             target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)))
+    try:  # add_lora checks the targets before it changes the model
+        add_lora(model, config["r"], config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
+                 target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)))
+    except ValueError as e:  # the adapter's config does not fit this model
+        raise InputError(f"{path / peft_format.CONFIG_NAME}: {e}") from None
     try:
         _copy_adapter(model, path, found)
-    except ValueError:  # leave the model as it came
+    except InputError:  # leave the model as it came
         _remove_lora(model, requires_grad)
         raise
     return model
@@ -477,7 +390,7 @@ def _remove_lora(model, requires_grad: dict) -> None:
 def _copy_adapter(model, path: Path, found: dict) -> None:
     expected = _peft_state_dict(model)
     base_weights = _base_layer_keys(model, found)
-    _check_keys(path, {**expected, **base_weights}, found, set())
+    peft_format.check_keys(path, {**expected, **base_weights}, found)
     with torch.no_grad():
         for key, param in {**expected, **base_weights}.items():
             param.copy_(found[key].to(param.device, param.dtype))

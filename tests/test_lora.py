@@ -1,29 +1,29 @@
 """pdengine.lora: LoRA layers on tiny random HF models, PEFT-format interchange both ways."""
 import copy
 import json
+import re
 import warnings
 
+import helpers
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 import pdengine
 from pdengine import lora as L
 from pdengine import modeling
+from pdengine.errors import InputError
 
 peft = pytest.importorskip("peft")
 
 VOCAB = 64
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
-    # tied embeddings and a scaled word embedding (embed_scale)
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8, "tie_word_embeddings": True}),
-    # fused qkv_proj / gate_up_proj
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+# helpers.tiny_model at this file's sizes: intermediate 48, tied embeddings for qwen2 and gemma
+# (gemma: a scaled word embedding; phi3: fused qkv_proj / gate_up_proj).
+FAMILY_CONFIG = {
+    "llama": {},
+    "qwen2": {"tie_word_embeddings": True},
+    "gemma": {"tie_word_embeddings": True},
+    "phi3": {},
 }
 TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
@@ -33,11 +33,9 @@ TARGETS = {
 }
 
 
-def tiny_model(family, seed=0):
-    config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**TINY, **extra)
-    return getattr(transformers, model_cls)(config).eval()
+def tiny_model(family, seed=0, **overrides):
+    return helpers.tiny_model(family, vocab_size=VOCAB, seed=seed, intermediate_size=48,
+                              **{**FAMILY_CONFIG[family], **overrides})
 
 
 def randomize_lora(model, seed=1):
@@ -201,7 +199,7 @@ def test_merge_adapter(family):
 # ----------------------------------------------------------------- PEFT interchange
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILY_CONFIG))
 def test_pdengine_adapter_loads_in_peft(family, tmp_path):
     base = tiny_model(family)
     ours = randomize_lora(pdengine.add_lora(copy.deepcopy(base), r=4, alpha=8,
@@ -220,7 +218,7 @@ def test_pdengine_adapter_loads_in_peft(family, tmp_path):
     torch.testing.assert_close(logits(theirs, ids), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILY_CONFIG))
 def test_peft_adapter_loads_in_pdengine(family, tmp_path):
     base = tiny_model(family)
     config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS[family] + ["lm_head"],
@@ -265,7 +263,7 @@ def test_adapter_for_another_architecture_fails(tmp_path):
     path = _saved_adapter(tmp_path, "llama", target_modules=["gate_proj"])
     with pytest.raises(ValueError, match="matches no module"):
         pdengine.load_adapter(phi3, path)
-    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "hidden_size": 48}))
+    other = tiny_model("llama", hidden_size=48)
     with pytest.raises(ValueError, match="shape"):
         pdengine.load_adapter(other, path)
 
@@ -329,3 +327,82 @@ def test_add_lora_twice_and_save_without_lora_fail(tmp_path):
         pdengine.add_lora(model, r=4, alpha=8)
     with pytest.raises(ValueError, match="no LoRA adapters"):
         pdengine.save_adapter(tiny_model("llama"), tmp_path)
+
+
+# --------------------------------------------------------------------------- damaged adapter files
+
+
+def _one_line_input_error(call) -> str:
+    with pytest.raises(InputError) as caught:
+        call()
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def test_truncated_adapter_weights_are_one_line(tmp_path):
+    path = _saved_adapter(tmp_path)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    message = _one_line_input_error(lambda: pdengine.load_adapter(tiny_model("llama"), path))
+    assert message.startswith(f"{path / 'adapter_model.safetensors'}: not a readable safetensors file, truncated?")
+
+
+def test_missing_config_or_weights_name_the_file(tmp_path):
+    path = _saved_adapter(tmp_path)
+    (path / "adapter_config.json").unlink()
+    message = _one_line_input_error(lambda: pdengine.load_adapter(tiny_model("llama"), path))
+    assert message == f"adapter path {path} has no adapter_config.json (is it a PEFT LoRA adapter directory?)"
+    path = _saved_adapter(tmp_path / "b")
+    (path / "adapter_model.safetensors").unlink()
+    message = _one_line_input_error(lambda: pdengine.load_adapter(tiny_model("llama"), path))
+    assert "has no adapter_model.safetensors (nor PEFT's older adapter_model.bin)" in message
+
+
+def test_a_pickled_adapter_loads_only_through_weights_only(tmp_path):
+    trained = randomize_lora(pdengine.add_lora(tiny_model("llama"), r=4, alpha=8))
+    path = pdengine.save_adapter(trained, tmp_path / "plain")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, path / "adapter_model.bin")  # PEFT's older format: a pickle of tensors
+    loaded = pdengine.load_adapter(tiny_model("llama"), path)
+    ids = input_ids()
+    assert torch.allclose(logits(loaded, ids), logits(trained, ids), atol=1e-5)
+
+    class Payload:  # anything but plain tensors: weights_only refuses to build it
+        def __reduce__(self):
+            return (print, ("a pickle can run code",))
+
+    torch.save({**tensors, "payload": Payload()}, path / "adapter_model.bin")
+    message = _one_line_input_error(lambda: pdengine.load_adapter(tiny_model("llama"), path))
+    assert message.startswith(f"{path / 'adapter_model.bin'}: refused by torch.load(weights_only=True)")
+    (path / "adapter_model.bin").write_bytes((path / "adapter_model.bin").read_bytes()[:100])
+    assert "not a readable torch file, truncated?" in _one_line_input_error(
+        lambda: pdengine.load_adapter(tiny_model("llama"), path))
+    torch.save([1, 2], path / "adapter_model.bin")
+    assert "holds a list, not a dict of named tensors" in _one_line_input_error(
+        lambda: pdengine.load_adapter(tiny_model("llama"), path))
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"r": "4"}, "r must be a positive int, got '4'"),
+    ({"r": 0}, "r must be a positive int"),
+    ({"lora_alpha": None}, "lora_alpha must be a positive number"),
+    ({"target_modules": []}, "target_modules must be a module name pattern or a non-empty list"),
+    ({"lora_dropout": 2}, "lora_dropout must be a number in \\[0, 1\\)"),
+    ({"target_modules": ["nothing_like_this"]}, "adapter_config.json: .*matches no module"),
+])
+def test_a_bad_adapter_config_is_one_line_naming_the_file(tmp_path, edit, match):
+    path = _saved_adapter(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    model = tiny_model("llama")
+    message = _one_line_input_error(lambda: pdengine.load_adapter(model, path))
+    assert re.search(match, message) and message.startswith(str(path))
+    assert not L.lora_modules(model)
+
+
+def test_a_config_that_is_not_an_object(tmp_path):
+    path = _saved_adapter(tmp_path)
+    (path / "adapter_config.json").write_text("[1]")
+    assert "must hold a JSON object, got list" in _one_line_input_error(
+        lambda: pdengine.load_adapter(tiny_model("llama"), path))
