@@ -1,40 +1,108 @@
 """The evaluation report (docs/DESIGN.md, "Evaluation"): report.json, report.md, report.png
-and answers.jsonl, written from the metrics and per-question scores `evaluate` returns."""
+and answers.jsonl, written from the metrics and per-question scores `evaluate` returns.
+
+Every accuracy carries its 95 % bootstrap interval over questions (`<metric>_ci`), and every
+pair of methods its paired difference (`comparisons."<a>-<b>".<metric>` and `_ci`); see
+`pdengine.statistics`. The paper's claims read off three of them: prompt_distillation-sft
+(PD beats SFT), prompt_distillation-rag_bm25 (PD rivals RAG), pd_rag-rag_bm25 (PD + RAG beats RAG).
+"""
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
+from pdengine import statistics
 from pdengine.errors import InputError
 
 METRICS = ("exact_match", "f1", "contains")
+# (a, b) pairs reported as a - b in this orientation; other pairs follow the methods' order
+KEY_COMPARISONS = (("prompt_distillation", "sft"), ("prompt_distillation", "rag_bm25"), ("pd_rag", "rag_bm25"),
+                   ("prompt_distillation", "base_closed_book"), ("sft", "base_closed_book"),
+                   ("pd_rag", "teacher_open_book"), ("prompt_distillation", "teacher_open_book"))
 
 
 def write_report(out_dir, methods: dict, per_question: list, extra: dict | None = None) -> dict:
     """Write report.json, report.md (a table), report.png (bar chart, when matplotlib is
     installed) and answers.jsonl (one line per question) into `out_dir`.
 
-    report.json = `{"methods": methods, "n_eval_questions": len(per_question), **extra}`.
-    Returns `{"json", "md", "answers"[, "png"]}` -> Path.
+    report.json = `{"methods": methods (with `<metric>_ci`), "comparisons": ...,
+    "n_eval_questions": len(per_question), **extra}`; the intervals are computed from
+    `per_question[i]["scores"]`. Returns `{"json", "md", "answers"[, "png"]}` -> Path.
     """
     from pdengine.io import atomic_write_json, atomic_write_text, write_jsonl
 
     if not isinstance(methods, dict) or not methods:
         raise InputError("methods must be a non-empty dict {name: {metric: value}}")
     extra = dict(extra or {})
-    clash = sorted({"methods", "n_eval_questions"} & set(extra))
+    clash = sorted({"methods", "comparisons", "n_eval_questions"} & set(extra))
     if clash:
         raise InputError(f"extra must not override {clash}")
+    methods, comparisons = with_intervals(methods, per_question)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md", "answers": out / "answers.jsonl"}
-    atomic_write_json(paths["json"], {"methods": methods, "n_eval_questions": len(per_question), **extra})
-    atomic_write_text(paths["md"], markdown_table(methods, n_questions=len(per_question)))
+    atomic_write_json(paths["json"], {"methods": methods, "comparisons": comparisons,
+                                      "n_eval_questions": len(per_question), **extra})
+    atomic_write_text(paths["md"], markdown_table(methods, n_questions=len(per_question))
+                      + comparisons_markdown(comparisons))
     write_jsonl(paths["answers"], per_question)
-    png = _bar_chart(out / "report.png", methods)
+    png = _bar_chart(out / "report.png", methods, len(per_question))
     if png is not None:
         paths["png"] = png
     return paths
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def per_question_values(per_question: list, method: str, metric: str) -> list[float]:
+    """One score per question; a judge verdict counts 1 only when it is True (None is wrong)."""
+    values = []
+    for i, row in enumerate(per_question):
+        try:
+            value = row["scores"][method][metric]
+        except (KeyError, TypeError):
+            raise InputError(f"per_question[{i}] has no {metric} score for {method}") from None
+        values.append(1.0 if value is True else 0.0 if value in (False, None) else float(value))
+    return values
+
+
+def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Every pair of methods once: the key comparisons in their orientation, then a later
+    method minus an earlier one."""
+    pairs = [(a, b) for a, b in KEY_COMPARISONS if a in names and b in names]
+    seen = {frozenset(p) for p in pairs}
+    for earlier, later in itertools.combinations(names, 2):
+        if frozenset((earlier, later)) not in seen:
+            pairs.append((later, earlier))
+    return pairs
+
+
+def with_intervals(methods: dict, per_question: list, **bootstrap) -> tuple[dict, dict]:
+    """(methods with `<metric>_ci` added, comparisons `{"a-b": {metric, metric_ci}}`), all
+    from one set of bootstrap resamples over the questions."""
+    if not per_question:
+        return methods, {}
+    boot = statistics.Bootstrap(len(per_question), **bootstrap)
+    columns = metric_columns(methods)
+    values = {(m, c): per_question_values(per_question, m, c) for m in methods for c in columns
+              if isinstance(methods[m].get(c), (int, float))}
+    enriched = {m: dict(v) for m, v in methods.items()}
+    for (m, c), series in values.items():
+        enriched[m][f"{c}_ci"] = boot.interval(series)
+    comparisons = {}
+    for a, b in comparison_pairs(list(methods)):
+        row = {}
+        for c in columns:
+            if (a, c) in values and (b, c) in values:
+                diff = [x - y for x, y in zip(values[(a, c)], values[(b, c)])]
+                row[c], row[f"{c}_ci"] = sum(diff) / len(diff), boot.interval(diff)
+        comparisons[f"{a}-{b}"] = row
+    return enriched, comparisons
+
+
+# ---------------------------------------------------------------- Markdown
 
 
 def metric_columns(methods: dict) -> list[str]:
@@ -44,18 +112,47 @@ def metric_columns(methods: dict) -> list[str]:
     return names
 
 
+def _cell(row: dict, col: str, signed: bool = False) -> str:
+    value = row.get(col)
+    if not isinstance(value, (int, float)):
+        return "-"
+    text = f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    ci = row.get(f"{col}_ci")
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+
+
 def markdown_table(methods: dict, n_questions: int | None = None) -> str:
-    """The methods x metrics table (values in percent) as Markdown."""
+    """The methods x metrics table (values in percent, with the 95 % interval when known) as Markdown."""
     cols = metric_columns(methods)
     lines = ["| method | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for name, m in methods.items():
-        cells = [f"{100 * m[c]:.1f}" if isinstance(m.get(c), (int, float)) else "-" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    head = f"Evaluation on {n_questions} questions (scores in %).\n\n" if n_questions is not None else ""
+        lines.append(f"| {name} | " + " | ".join(_cell(m, c) for c in cols) + " |")
+    has_ci = any(f"{c}_ci" in m for m in methods.values() for c in cols)
+    note = ", [95 % bootstrap interval over questions]" if has_ci else ""
+    head = f"Evaluation on {n_questions} questions (scores in %{note}).\n\n" if n_questions is not None else ""
     return head + "\n".join(lines) + "\n"
 
 
-def _bar_chart(path: Path, methods: dict) -> Path | None:
+def comparisons_markdown(comparisons: dict) -> str:
+    """Paired differences a - b (points of %), with their intervals and whether 0 lies outside."""
+    if not comparisons:
+        return ""
+    cols = [c for c in (*METRICS, "judge") if any(c in row for row in comparisons.values())]
+    lines = ["", "Paired differences a - b on the same questions (points of %, [95 % bootstrap interval]; "
+             "* = the interval excludes 0).", "",
+             "| a - b | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for name, row in comparisons.items():
+        cells = []
+        for c in cols:
+            ci = row.get(f"{c}_ci")
+            star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
+            cells.append(_cell(row, c, signed=True) + star)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(path: Path, methods: dict, n_questions: int) -> Path | None:
+    """Grouped bars per method, each labelled with its value, with its 95 % interval as an error bar."""
     try:
         import matplotlib
 
@@ -74,11 +171,17 @@ def _bar_chart(path: Path, methods: dict) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 4))
     for j, col in enumerate(cols):
         values = [100 * float(methods[n].get(col) or 0.0) for n in names]
-        ax.bar([i + (j - (len(cols) - 1) / 2) * width for i in range(len(names))], values, width, label=col)
+        cis = [methods[n].get(f"{col}_ci") or [v / 100, v / 100] for n, v in zip(names, values)]
+        errors = [[max(v - 100 * lo, 0) for v, (lo, _) in zip(values, cis)],
+                  [max(100 * hi - v, 0) for v, (_, hi) in zip(values, cis)]]
+        bars = ax.bar([i + (j - (len(cols) - 1) / 2) * width for i in range(len(names))], values, width,
+                      yerr=errors, capsize=2, label=col)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax.set_title(f"{n_questions} questions; error bars: 95 % bootstrap interval", fontsize=9)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=15, ha="right")
     ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 110)
     ax.legend()
     fig.tight_layout()
     buf = _io.BytesIO()

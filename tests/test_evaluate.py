@@ -98,10 +98,10 @@ def test_evaluate_and_write_report_on_tiny_model(tmp_path):
     model, tok = tiny_model(), tiny_tokenizer()
     student = tiny_model(seed=1)
     metrics, per_q = ev.evaluate(
-        model, tok, DOCS, QUESTIONS, students={"student": lambda: student}, judge_model=model,
+        model, tok, DOCS, QUESTIONS, students={"prompt_distillation": lambda: student}, judge_model=model,
         judge_tokenizer=tok, max_new_tokens=4, batch_size=2, rag_top_n=1, progress=False,
     )
-    assert list(metrics) == ["base_closed_book", "teacher_open_book", "rag_bm25", "student"]
+    assert list(metrics) == ["base_closed_book", "teacher_open_book", "rag_bm25", "prompt_distillation", "pd_rag"]
     for m in metrics.values():
         assert m["n"] == 3 and all(0.0 <= m[k] <= 1.0 for k in ("exact_match", "f1", "contains", "judge"))
     assert len(per_q) == 3 and per_q[0]["retrieved"] == ["d1"] and per_q[1]["retrieved"] == ["d2"]
@@ -112,7 +112,10 @@ def test_evaluate_and_write_report_on_tiny_model(tmp_path):
 
     paths = ev.write_report(tmp_path / "r", metrics, per_q, extra={"timings": {"eval_s": 1.0}})
     report = json.loads(paths["json"].read_text())
-    assert report["methods"]["student"]["f1"] == metrics["student"]["f1"]
+    pd = report["methods"]["prompt_distillation"]
+    assert pd["f1"] == metrics["prompt_distillation"]["f1"]
+    assert pd["f1_ci"][0] <= pd["f1"] <= pd["f1_ci"][1] and len(pd["judge_ci"]) == 2
+    assert {"prompt_distillation-rag_bm25", "pd_rag-rag_bm25"} <= set(report["comparisons"])
     assert report["n_eval_questions"] == 3 and report["timings"] == {"eval_s": 1.0}
     md = paths["md"].read_text()
     assert "| method | exact_match | f1 | contains | judge |" in md and "| rag_bm25 |" in md
