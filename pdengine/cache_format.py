@@ -24,6 +24,15 @@ Per shard (n items, A answer tokens, G shared document prefixes):
 
 Storage per answer token at k=64: ids `64 * b / 8` bytes (b = ceil(log2 V): 120 B for a
 32k vocabulary, 128 B up to 65536, 136 B for 128k), log-probs 64 + 8 bytes, so 192-208 B.
+
+The manifest is never trusted blindly: `read_manifest` (and `write_manifest`, before it
+writes) checks every field's type and range (`_SCHEMA`), that the fields agree (id_bits
+with vocab_size, counts and items with the shards), that shard files stay inside the
+directory, and a sha256 of the manifest's own content, so a hand edit fails instead of
+training on misread data. Each shard entry holds the shard's sha256; `load_shard` checks
+it on first read, then the shard's layout against the manifest (k, id_bits, items, answer
+tokens, student tensors). Caches of format version 1 (fingerprints with paths, no
+manifest checksum) are refused with a message to re-run prefill with --force.
 """
 from __future__ import annotations
 
@@ -37,9 +46,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pdengine.errors import InputError
-from pdengine.fingerprints import (  # noqa: F401  (model_fingerprint & co. are part of the format)
-    model_differences, model_fingerprint, template_fingerprint, tokenizer_differences, tokenizer_fingerprint,
-    vocab_size_of,
+from pdengine.fingerprints import (  # noqa: F401  (what a cache was made with is part of its format)
+    check_compatible, model_fingerprint, template_fingerprint, tokenizer_fingerprint, vocab_size_of,
 )
 from pdengine.io import atomic_write_bytes, atomic_write_text
 
@@ -418,27 +426,3 @@ def _check_shard_layout(tensors: dict, manifest: dict, entry: dict, where: str) 
     if tensors["prefix_ids"].dtype != token_dtype(bits):
         raise InputError(f"{where} does not match the manifest: id_bits {bits} means {token_dtype(bits)} "
                          f"token ids, the shard holds {tensors['prefix_ids'].dtype}")
-
-
-# ---------------------------------------------------------------------------------------
-# Compatibility of a cache with the objects it is used with
-
-
-def check_compatible(manifest: dict, source: str, *, model=None, tokenizer=None, temperature=None) -> None:
-    """InputError naming every field that differs between the cache and the given objects
-    (cached value, given value)."""
-    problems = []
-    if model is not None:
-        given = model_fingerprint(model)
-        if given["vocab_size"] != manifest["vocab_size"]:
-            problems.append(f"vocab size: cache {manifest['vocab_size']}, model {given['vocab_size']}")
-        differences = [d for d in model_differences(manifest["model"], given) if not d.startswith("vocab size")]
-        if differences:
-            problems.append(f"model: cache made with {manifest['model'].get('model_type')}, given "
-                            f"{given['model_type']}: " + ", ".join(differences))
-    if tokenizer is not None:
-        problems += tokenizer_differences(manifest["tokenizer"], tokenizer_fingerprint(tokenizer))
-    if temperature is not None and float(temperature) != manifest["temperature"]:
-        problems.append(f"temperature: cache {manifest['temperature']}, given {float(temperature)}")
-    if problems:
-        raise InputError(f"teacher cache {source} does not match: " + "; ".join(problems))

@@ -2,9 +2,9 @@
 their content, never by a path (docs/DESIGN.md, "Cache format").
 
 Each fingerprint is a dict: `fingerprint` (a hash of everything that identifies the
-object) plus the readable fields it was computed from, so that a mismatch can name the
-field that differs (`model_differences`, `tokenizer_differences`) instead of printing
-two hashes. The same model loaded from `data/model` or from `/abs/path/data/model`, on
+object) plus the readable fields it was computed from, so that a mismatch names the
+field that differs (`model_differences`, `tokenizer_differences`, `check_compatible`)
+instead of printing two hashes. The same model loaded from `data/model` or from `/abs/path/data/model`, on
 CPU in fp32 or on a GPU in bf16, has the same fingerprint; `dtype` is recorded beside it.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 import torch
 
+from pdengine.errors import InputError
 from pdengine.modeling import output_layer
 
 # Config keys that name, place or run a model without changing what it computes.
@@ -166,3 +167,27 @@ def template_fingerprint(tokenizer, fmt) -> dict:
     template = getattr(tokenizer, "chat_template", None) or f"plain:{PLAIN_TEMPLATE}"
     return {"fingerprint": sha256_of(template, asdict(fmt)), "chat_template": template != f"plain:{PLAIN_TEMPLATE}",
             "format": asdict(fmt)}
+
+
+# ---------------------------------------------------------------------------------------
+# A cache against the objects it is used with
+
+
+def check_compatible(manifest: dict, source: str, *, model=None, tokenizer=None, temperature=None) -> None:
+    """InputError naming every field that differs between the cache and the given objects
+    (cached value, given value)."""
+    problems = []
+    if model is not None:
+        given = model_fingerprint(model)
+        if given["vocab_size"] != manifest["vocab_size"]:
+            problems.append(f"vocab size: cache {manifest['vocab_size']}, model {given['vocab_size']}")
+        differences = [d for d in model_differences(manifest["model"], given) if not d.startswith("vocab size")]
+        if differences:
+            problems.append(f"model: cache made with {manifest['model'].get('model_type')}, given "
+                            f"{given['model_type']}: " + ", ".join(differences))
+    if tokenizer is not None:
+        problems += tokenizer_differences(manifest["tokenizer"], tokenizer_fingerprint(tokenizer))
+    if temperature is not None and float(temperature) != manifest["temperature"]:
+        problems.append(f"temperature: cache {manifest['temperature']}, given {float(temperature)}")
+    if problems:
+        raise InputError(f"teacher cache {source} does not match: " + "; ".join(problems))
