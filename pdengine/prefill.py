@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from pdengine import cache as cache_format
-from pdengine import modeling
+from pdengine import cache_format, modeling
+from pdengine.cache import TeacherCache
 from pdengine.config import POSITIVE, check_settings, setting
 from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
+from pdengine.fingerprints import model_differences, tokenizer_differences
 from pdengine.locking import LOCK_NAME, DirectoryLock
 from pdengine.modeling import greedy_pack
 from pdengine.ops.teacher_topk import teacher_topk
@@ -263,32 +264,30 @@ def _new_manifest(model, tokenizer, fmt, examples, settings: PrefillConfig):
     }
 
 
-# What must agree for a resumed prefill to continue an existing cache.
-_RESUME_KEYS = ("format_version", "model", "tokenizer", "template", "inputs_fingerprint", "vocab_size", "k",
-                "temperature", "student_sees_document", "shard_size")
-# Readable fields stored next to a fingerprint that do not identify what was fingerprinted:
-# the same model loaded as `data/model` or `/abs/data/model` is the same teacher.
-_NOT_IDENTITY = ("name_or_path",)
+# What must agree for a resumed prefill to continue an existing cache. The model and the
+# tokenizer are compared by what identifies them (docs/DESIGN.md, "Cache format"): the same
+# model loaded as `data/model` or `/abs/data/model`, in fp32 or bf16, continues its cache.
+_RESUME_KEYS = ("inputs_fingerprint", "vocab_size", "k", "temperature", "student_sees_document",
+                "shard_size")
 
 
-def _identity(value):
-    """What identifies a manifest entry: a fingerprint dict minus its path fields."""
-    if isinstance(value, dict):
-        return {k: v for k, v in value.items() if k not in _NOT_IDENTITY}
-    return value
+def _resume_differences(old: dict, fresh: dict) -> list[str]:
+    """Every real difference between an existing cache and this prefill, one phrase each."""
+    problems = [f"model: {d}" for d in model_differences(old["model"], fresh["model"])]
+    problems += tokenizer_differences(old["tokenizer"], fresh["tokenizer"])
+    problems += _template_differences(old["template"], fresh["template"])
+    for key in _RESUME_KEYS:
+        if old.get(key) != fresh[key]:
+            problems.append(f"{key}: cache {old.get(key)!r}, now {fresh[key]!r}")
+    return problems
 
 
-def _difference(key: str, old, new) -> str:
-    """'key: cache X, now Y', naming the sub-fields that really differ."""
-    old, new = _identity(old), _identity(new)
-    if isinstance(old, dict) and isinstance(new, dict):
-        fields = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
-        parts = ", ".join(f"{f} {old.get(f)!r} -> {new.get(f)!r}" for f in fields if f != "fingerprint")
-        if "fingerprint" in fields:
-            fp = f"fingerprint {old.get('fingerprint')} -> {new.get('fingerprint')}"
-            parts = f"{parts}, {fp}" if parts else fp
-        return f"{key}: {parts}"
-    return f"{key}: cache {old!r}, now {new!r}"
+def _template_differences(old: dict, new: dict) -> list[str]:
+    if old.get("fingerprint") == new["fingerprint"]:
+        return []
+    if old.get("format") != new["format"]:
+        return [f"prompt format: cache {old.get('format')!r}, now {new['format']!r}"]
+    return ["chat template: the tokenizer's chat template is not the one the cache was made with"]
 
 
 def _resumable_manifest(out_dir: Path, fresh: dict) -> dict | None:
@@ -297,10 +296,9 @@ def _resumable_manifest(out_dir: Path, fresh: dict) -> dict | None:
     if not (out_dir / cache_format.MANIFEST).exists():
         return None
     old = cache_format.read_manifest(out_dir)
-    differing = [key for key in _RESUME_KEYS if _identity(old.get(key)) != _identity(fresh[key])]
+    differing = _resume_differences(old, fresh)
     if differing:
-        details = "; ".join(_difference(key, old.get(key), fresh[key]) for key in differing)
-        raise InputError(f"{out_dir} holds a teacher cache made with different settings ({details}); "
+        raise InputError(f"{out_dir} holds a teacher cache made with different settings ({'; '.join(differing)}); "
                          f"pass resume=False (CLI: --force) to overwrite it")
     return old
 
@@ -384,7 +382,7 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=_D.k, temperatu
             _remove_stale_temp_files(out_dir)
         model.eval()
         _fill_shards(model, examples, out_dir, manifest, settings)
-    return cache_format.TeacherCache(out_dir)
+    return TeacherCache(out_dir)
 
 
 def _fill_shards(model, examples, out_dir, manifest, settings: PrefillConfig):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import DOCUMENTS, QA, tiny_model_and_tokenizer
 
-from pdengine import cache as cache_format
+from pdengine import cache_format
 from pdengine import prefill as prefill_module
 from pdengine.cache import TeacherCache
 from pdengine.errors import InputError

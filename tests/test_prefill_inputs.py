@@ -13,6 +13,7 @@ from pdengine.config import field_names
 from pdengine.errors import InputError
 from pdengine.locking import LOCK_NAME, DirectoryLock
 from pdengine.prefill import PrefillConfig, add_arguments, prefill
+from pdengine.prompts import PromptFormat
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +93,32 @@ def test_resume_ignores_the_spelling_of_the_model_path(teacher, tmp_path):
 def test_resume_with_another_model_names_the_real_difference(teacher, tmp_path):
     model, tok = teacher
     prefill(model, tok, DOCUMENTS, QA, tmp_path, k=4, progress=False)
-    other, _ = tiny_model_and_tokenizer("llama", seed=1)
-    old_fp = json.loads((tmp_path / "manifest.json").read_text())["model"]["fingerprint"]
+    other, _ = tiny_model_and_tokenizer("llama", seed=1)  # same config, other weights
     with pytest.raises(InputError, match="different settings") as info:
         prefill(other, tok, DOCUMENTS, QA, tmp_path, k=4, progress=False)
     message = str(info.value)
-    assert f"model: fingerprint {old_fp} -> " in message and "tokenizer" not in message
-    assert message.split(f"{old_fp} -> ")[1][:8] != old_fp[:8]
+    assert "model: weights: cache hash" in message and "config." not in message and "tokenizer" not in message
+    with pytest.raises(InputError, match=r"k: cache 4, now 3; temperature: cache 2.0, now 1.5"):
+        prefill(model, tok, DOCUMENTS, QA, tmp_path, k=3, temperature=1.5, progress=False)
+    with pytest.raises(InputError, match="prompt format: cache"):
+        prefill(model, tok, DOCUMENTS, QA, tmp_path, k=4, fmt=PromptFormat(system="Be brief ."), progress=False)
+
+
+def test_resume_in_another_dtype_continues_the_cache(teacher, tmp_path):
+    model, tok = teacher
+    prefill(model, tok, DOCUMENTS, QA[:2], tmp_path, k=4, shard_size=1, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "float32"
+    # what a GPU run would record for the same checkpoint loaded in bf16; the identity is the same
+    assert _differences_with_dtype(manifest, "bfloat16") == []
+
+
+def _differences_with_dtype(manifest, dtype):
+    from pdengine.prefill import _resume_differences
+
+    other = json.loads(json.dumps(manifest))
+    other["model"]["dtype"] = dtype
+    return _resume_differences(manifest, other)
 
 
 def test_a_locked_cache_directory_is_refused(teacher, tmp_path):
