@@ -40,7 +40,7 @@ setup(
     name="pdengine",
     version="0.1.0",
     description="Knowledge injection via prompt distillation, with fused Triton/C++ kernels",
-    packages=["pdengine", "pdengine.ops", "pdengine.kernels", "pdengine.demo"],
+    packages=["pdengine", "pdengine.ops", "pdengine.kernels", "pdengine.demo", "pdengine.training"],
     package_data={"pdengine.demo": ["assets/*"]},  # the shipped tiny demo model
     package_dir={"pdengine.kernels": "kernels"},
     python_requires=">=3.10",

@@ -11,10 +11,13 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
 
-from pdengine.cache_format import decode_topk, read_manifest, check_compatible
+from pdengine import cache_format
+from pdengine.cache_format import check_shard_file, decode_topk, load_shard, read_manifest
+from pdengine.errors import InputError
 from pdengine.modeling import greedy_pack
+from pdengine.training.batching import pack_sequences
+from pdengine.training.sources import DataSource
 
 # Re-exported so `from pdengine.cache import ...` of the format's names keeps working while
 # callers move to `pdengine.cache_format`.
@@ -29,33 +32,34 @@ from pdengine.cache_format import (  # noqa: F401
 # Reading
 
 
-class TeacherCache:
+class TeacherCache(DataSource):
     """Read access to a teacher top-k cache written by `pdengine.prefill`.
 
     `len(cache)` items; `cache[i]` is a dict with `teacher_input_ids`, `student_input_ids`
     (lists of ints), `answer_start_teacher`, `answer_start_student`, `topk_ids [n_ans, k]`
     int64 and `topk_logprobs [n_ans, k]` float32 (row j: the teacher's distribution for
     answer token j); `cache.manifest` is the manifest dict; `cache.batches(...)` yields packed
-    student training batches.
+    student training batches. It is a `pdengine.training.sources.DataSource`.
 
     Passing `model`, `tokenizer` or `temperature` checks that the cache was made for them
-    (ValueError naming what differs). Shards load lazily and are verified (size and sha256)
-    on first use; a truncated or corrupt shard raises ValueError naming the file.
+    (InputError naming what differs). Shards load lazily and are verified on first use
+    (`cache_format.load_shard`: size, sha256 and layout); a truncated, tampered or corrupt
+    shard raises InputError naming the file.
     """
 
     def __init__(self, path, *, model=None, tokenizer=None, temperature=None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        if not self.manifest.get("complete"):
-            raise ValueError(f"teacher cache {self.path} is incomplete ({self.manifest['counts']['items']} of "
+        if not self.manifest["complete"]:
+            raise InputError(f"teacher cache {self.path} is incomplete ({self.manifest['counts']['items']} of "
                              f"{self.manifest['total_items']} items): rerun prefill on it to resume")
-        check_compatible(self.manifest, str(self.path), model=model, tokenizer=tokenizer, temperature=temperature)
+        self.check_compatible(model, tokenizer, temperature)
         self.k = int(self.manifest["k"])
         self.id_bits = int(self.manifest["id_bits"])
         self.student_sees_document = bool(self.manifest["student_sees_document"])
         self._shard_starts = [0]
         for entry in self.manifest["shards"]:
-            self._check_shard_file(entry)
+            check_shard_file(self.path, entry)  # cheap (size); the content is verified on first load
             self._shard_starts.append(self._shard_starts[-1] + entry["items"])
         self._shards: dict[int, dict] = {}
         self._lengths = None
@@ -66,32 +70,26 @@ class TeacherCache:
     def __repr__(self) -> str:
         return f"TeacherCache({str(self.path)!r}, items={len(self)}, k={self.k})"
 
-    # -- shards ---------------------------------------------------------------------
+    def check_compatible(self, model=None, tokenizer=None, temperature=None) -> None:
+        """InputError naming everything that differs between the cache and the given objects."""
+        cache_format.check_compatible(self.manifest, str(self.path), model=model, tokenizer=tokenizer,
+                                      temperature=temperature)
 
-    def _check_shard_file(self, entry) -> Path:
-        file = self.path / entry["file"]
-        if not file.is_file():
-            raise ValueError(f"teacher cache shard {file} is missing")
-        size = file.stat().st_size
-        if size != entry["bytes"]:
-            raise ValueError(f"teacher cache shard {file} is truncated or corrupt "
-                             f"({size} bytes, the manifest says {entry['bytes']})")
-        return file
+    def identity(self) -> dict:
+        """What the cache holds, independent of where it lies: the shards' sha256 and the
+        settings they were made with (the path is informative only)."""
+        m = self.manifest
+        content = hashlib.sha256("".join(entry["sha256"] for entry in m["shards"]).encode())
+        return {"path": str(self.path), "items": len(self), "k": m["k"], "temperature": m["temperature"],
+                "vocab_size": m["vocab_size"], "student_sees_document": m["student_sees_document"],
+                "model_fingerprint": m["model"]["fingerprint"], "content": content.hexdigest()[:32]}
+
+    # -- shards ---------------------------------------------------------------------
 
     def _shard(self, s: int) -> dict:
         if s not in self._shards:
-            self._shards[s] = self._load_shard(self.manifest["shards"][s])
+            self._shards[s] = load_shard(self.path, self.manifest, s)
         return self._shards[s]
-
-    def _load_shard(self, entry) -> dict:
-        file = self._check_shard_file(entry)
-        data = file.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ValueError(f"teacher cache shard {file} is corrupt (sha256 does not match the manifest)")
-        try:
-            return load_safetensors(data)
-        except Exception as e:  # safetensors raises its own error type
-            raise ValueError(f"teacher cache shard {file} is corrupt: {e}") from None
 
     def _locate(self, i: int) -> tuple[int, int]:
         n = len(self)
@@ -155,11 +153,11 @@ class TeacherCache:
         total stays within batch_tokens, so each batch wastes less than one sequence.
         """
         if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens <= 0:
-            raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
+            raise InputError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
         lengths = self.student_lengths()
         longest = max(lengths, default=0)
         if longest > batch_tokens:
-            raise ValueError(f"batch_tokens={batch_tokens} is smaller than the longest student sequence "
+            raise InputError(f"batch_tokens={batch_tokens} is smaller than the longest student sequence "
                              f"({longest} tokens)")
         order = list(range(len(lengths)))
         if shuffle:
@@ -179,28 +177,26 @@ class TeacherCache:
         skips that many batches (to resume an epoch).
         """
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be a non-negative int, got {start!r}")
+            raise InputError(f"start must be a non-negative int, got {start!r}")
         plan = self._plan(batch_tokens, seed, epoch, shuffle)[start:]  # bad arguments raise here, not at next()
         return (self._collate(indices) for indices in plan)
 
+    def min_batch_tokens(self) -> int:
+        """Batches hold whole sequences: batch_tokens must fit the longest."""
+        return max(self.student_lengths())
+
     def _collate(self, indices: list[int]) -> dict:
-        input_ids, positions, segments, targets, labels, rows = [], [], [], [], [], []
-        offset = 0
-        for seg, i in enumerate(indices):
+        """One packed batch (`training.batching.pack_sequences`) plus the items' top-k rows."""
+        sequences, rows = [], []
+        for i in indices:
             s, j = self._locate(i)
             shard = self._shard(s)
             seq = self._sequences(shard, j)
             ids, a = torch.tensor(seq["student_input_ids"], dtype=torch.int64), seq["answer_start_student"]
-            input_ids.append(ids)
-            positions.append(torch.arange(len(ids)))
-            segments.append(torch.full((len(ids),), seg, dtype=torch.int64))
-            targets.append(offset + a - 1 + torch.arange(len(ids) - a))
-            labels.append(ids[a:])
+            sequences.append((ids, a, len(ids) - a))
             rows.append(self._topk_rows(shard, j))
-            offset += len(ids)
+        batch = pack_sequences(sequences)
         stored = {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
-        topk_ids, topk_logprobs = decode_topk(stored, self.k, self.id_bits)
-        return {"input_ids": torch.cat(input_ids)[None], "position_ids": torch.cat(positions)[None],
-                "segment_ids": torch.cat(segments), "target_positions": torch.cat(targets),
-                "labels": torch.cat(labels), "topk_ids": topk_ids, "topk_logprobs": topk_logprobs,
-                "indices": list(indices)}
+        batch["topk_ids"], batch["topk_logprobs"] = decode_topk(stored, self.k, self.id_bits)
+        batch["indices"] = list(indices)
+        return batch

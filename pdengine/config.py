@@ -161,7 +161,10 @@ def _argparse_type(base):
 
 def from_args(cls, args: argparse.Namespace, **overrides):
     """The `cls` instance described by parsed `args` (plus keyword overrides)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    # An unset flag may read as None (a parser that must tell given flags from defaults):
+    # it means the dataclass default, as it does for `X | None` fields.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.init and getattr(args, f.name, None) is not None}
     values.update(overrides)
     return cls(**values)
 

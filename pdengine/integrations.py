@@ -20,7 +20,9 @@ Hugging Face `Trainer`::
 
 Each Trainer batch is packed end to end (`pdengine.train.pack_examples`); the loss is
 `pdengine.train.compute_loss` (body-only forward, fused top-k KL on the answer
-positions). `TrainConfig` supplies the loss settings (loss, temperature, mode,
+positions). On a model with pdengine LoRA adapters (`add_lora`, `load_adapter`),
+checkpoints and `save_model` write the adapter in PEFT's format (`save_adapter`), not
+the full model. `TrainConfig` supplies the loss settings (loss, temperature, mode,
 ce_weight); the optimizer, schedule and batch size are the Trainer's.
 `loss="online_kl"` needs the cache items' teacher sequences: the collator keeps them.
 
@@ -28,10 +30,16 @@ A plain PyTorch loop: see the `pdengine.train` module docstring.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import Trainer
 
-from pdengine.train import TrainConfig, compute_loss, pack_examples, pack_teacher
+from pdengine.training.batching import pack_examples, pack_teacher
+from pdengine.training.config import TrainConfig
+from pdengine.training.losses import compute_loss
+
+TRAINING_ARGS_NAME = "training_args.bin"  # what transformers.Trainer calls it
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -39,7 +47,9 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache):
         if len(cache) == 0:
-            raise ValueError("cache is empty: it holds no examples")
+            from pdengine.errors import InputError
+
+            raise InputError("cache is empty: it holds no examples")
         self.cache = cache
 
     def __len__(self):
@@ -83,3 +93,20 @@ class DistillationTrainer(Trainer):
             inputs.pop("teacher", None)
         loss = compute_loss(model, inputs, self.distill_config, validate=self.state.global_step == 0)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and `save_model`: the LoRA adapter (PEFT format) when the model has
+        pdengine adapters, as PEFT's own models save; otherwise the Trainer's full save."""
+        from pdengine.lora import lora_modules, save_adapter
+
+        model = self.accelerator.unwrap_model(self.model)
+        if not lora_modules(model):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        save_adapter(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None

@@ -77,3 +77,18 @@ def greedy_pack(sizes, budget: int, overhead: int = 0) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
+
+
+def full_logits(hidden: torch.Tensor, weight: torch.Tensor, lora=None, softcap: float | None = None) -> torch.Tensor:
+    """Materialized float32 logits `[N, V]` of hidden states `[..., d]`: h W^T, plus the
+    lm_head's LoRA `(A, B, scale)` when given, then the optional soft-cap c * tanh(u / c).
+
+    Only for what needs the whole distribution (the online_kl baseline's full-vocabulary
+    KL); training and prefill never form logits (docs/DESIGN.md, "Fused loss").
+    """
+    h = hidden.reshape(-1, hidden.shape[-1]).float()
+    out = h @ weight.float().T
+    if lora is not None and lora[0] is not None:
+        lora_a, lora_b, scale = lora
+        out = out + scale * (h @ lora_a.float().T) @ lora_b.float().T  # same order as the reference
+    return softcap * torch.tanh(out / softcap) if softcap else out

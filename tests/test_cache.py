@@ -3,17 +3,19 @@ import json
 
 import pytest
 import torch
-from test_prefill import DOCUMENTS, QA, setup
+from helpers import DOCUMENTS, QA, sentence_word_tokenizer, tiny_model, tiny_model_and_tokenizer
 
-from pdengine import cache as cache_format
+from pdengine import cache_format
 from pdengine.cache import TeacherCache
+from pdengine.errors import InputError
 from pdengine.modeling import segment_attention_mask
 from pdengine.prefill import prefill
+from pdengine.training.sources import DataSource
 
 
 @pytest.fixture(scope="module")
 def llama_cache(tmp_path_factory):
-    model, tok = setup("llama")
+    model, tok = tiny_model_and_tokenizer("llama")
     path = tmp_path_factory.mktemp("cache")
     qa = QA * 3  # 15 items over 4 shards
     return prefill(model, tok, DOCUMENTS, qa, path, k=8, shard_size=4, progress=False), model, tok
@@ -78,13 +80,13 @@ def test_items_and_manifest(llama_cache):
 
 def test_other_model_tokenizer_vocab_or_temperature_fail(llama_cache):
     cache, model, tok = llama_cache
-    other_weights, _ = setup("llama", seed=1)
+    other_weights, _ = tiny_model_and_tokenizer("llama", seed=1)
     with pytest.raises(ValueError, match="model: cache made with llama"):
         TeacherCache(cache.path, model=other_weights)
-    bigger, _ = setup("qwen2")  # another family and vocabulary size
+    bigger, _ = tiny_model_and_tokenizer("qwen2")  # another family and vocabulary size
     with pytest.raises(ValueError, match="vocab size: cache 40, model"):
         TeacherCache(cache.path, model=bigger)
-    _, other_tok = setup("qwen2")
+    _, other_tok = tiny_model_and_tokenizer("qwen2")
     with pytest.raises(ValueError, match="tokenizer"):
         TeacherCache(cache.path, tokenizer=other_tok)
     with pytest.raises(ValueError, match="temperature: cache 2.0, given 1.0"):
@@ -116,8 +118,37 @@ def test_corrupt_shard_names_the_file(tmp_path, llama_cache):
     shard.write_bytes(bytes(data))
     cache = TeacherCache(path)  # sizes are checked at open, contents when a shard is first read
     cache[0]
-    with pytest.raises(ValueError, match="shard-00002.safetensors is corrupt"):
+    with pytest.raises(InputError, match="shard-00002.safetensors is corrupt"):
         cache[9]
+
+
+def test_a_tampered_shard_is_refused_on_first_load(tmp_path, llama_cache):
+    """Same size, still a valid safetensors file, other log-probs: only the checksum can tell."""
+    from safetensors.torch import load_file, save_file
+
+    path = copy_cache(llama_cache[0], tmp_path)
+    shard = path / "shard-00001.safetensors"
+    tensors = load_file(shard)
+    tensors["topk_lp_code"] = 255 - tensors["topk_lp_code"]  # another teacher distribution
+    save_file(tensors, shard)
+    assert shard.stat().st_size == llama_cache[0].manifest["shards"][1]["bytes"]
+    cache = TeacherCache(path)
+    with pytest.raises(InputError, match="shard-00001.safetensors is corrupt .*sha256"):
+        next(cache.batches(10_000, shuffle=False))
+    with pytest.raises(InputError, match="sha256"):
+        cache[4]
+
+
+def test_the_cache_is_a_data_source_with_a_path_free_identity(tmp_path, llama_cache):
+    cache, model, tok = llama_cache
+    assert isinstance(cache, DataSource)
+    moved = TeacherCache(copy_cache(cache, tmp_path))
+    identity = cache.identity()
+    assert moved.identity() == {**identity, "path": str(tmp_path)}
+    assert identity["items"] == 15 and identity["k"] == 8 and identity["temperature"] == 2.0
+    cache.check_compatible(model, tok, 2.0)
+    with pytest.raises(InputError, match="temperature: cache 2.0, given 3.0"):
+        cache.check_compatible(model, tok, 3.0)
 
 
 def test_missing_shard_names_the_file(tmp_path, llama_cache):
@@ -206,15 +237,13 @@ def test_batches_bad_arguments(llama_cache):
 
 
 def test_vocabulary_above_65536_round_trips(tmp_path, monkeypatch):
-    from test_prefill import tiny_model, word_tokenizer
-
     from pdengine import prefill as prefill_module
     from pdengine import reference
 
     # This test is about storage; the op's Triton interpreter would take ~30 s at V=70000.
     monkeypatch.setattr(prefill_module, "teacher_topk", reference.teacher_topk)
-    tok = word_tokenizer()
-    model = tiny_model("llama", vocab_size=70_000)
+    tok = sentence_word_tokenizer()
+    model = tiny_model("llama", vocab_size=70_000, num_hidden_layers=2, max_position_embeddings=512)
     cache = prefill(model, tok, DOCUMENTS, QA[:2], tmp_path, k=8, progress=False)
     assert cache.manifest["id_bits"] == 17
     item = cache[0]

@@ -1,0 +1,59 @@
+"""The student model for a run: pdengine LoRA adapters added (or kept), all else frozen."""
+from __future__ import annotations
+
+import torch
+
+from pdengine.errors import InputError
+from pdengine.training.batching import mix_seed
+from pdengine.training.config import TrainConfig
+
+PEFT_HOWTO = ("train() takes a model with pdengine LoRA adapters, not a peft.PeftModel: save the PEFT "
+              "adapter (peft_model.save_pretrained(DIR)) and load it onto the base model with "
+              "pdengine.load_adapter(peft_model.unload(), DIR), or pass peft_model.unload() to start "
+              "new adapters from the config")
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # without peft installed, no model can be one
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _has_lora(model) -> bool:
+    from pdengine.lora import lora_modules
+
+    return bool(lora_modules(model))
+
+
+def prepare_model(model, config: TrainConfig) -> dict:
+    """Add LoRA (when the model has none), freeze everything else; the trainable params."""
+    if _is_peft_model(model):
+        raise InputError(PEFT_HOWTO)
+    if not _has_lora(model):
+        from pdengine.lora import add_lora
+
+        torch.manual_seed(mix_seed(config.seed, 0x10A))  # LoRA init depends on the seed only
+        targets = list(config.lora_targets) + (["embed_tokens"] if config.lora_embeddings else [])
+        add_lora(model, config.lora_r, config.lora_alpha, dropout=config.lora_dropout,
+                 target_modules=targets, lm_head=config.lora_lm_head, rslora=config.rslora)
+    named = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if p.requires_grad:
+            named[name] = p
+    if not named:
+        raise InputError("the model has no LoRA parameters to train")
+    if config.grad_checkpointing:
+        _enable_checkpointing(model)
+    return named
+
+
+def _enable_checkpointing(model) -> None:
+    """Activation checkpointing of the decoder layers (non-reentrant: LoRA-only grads work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
