@@ -36,7 +36,7 @@ from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
 from pdengine.generation import ModelStageSettings
 from pdengine.prompts import DEFAULT_FORMAT, PromptFormat
-from pdengine.report import METRICS, markdown_table, write_report  # noqa: F401  (public here too)
+from pdengine.report import METRICS, as_number, markdown_table, write_report  # noqa: F401  (public here too)
 from pdengine.retrieval import retrieve
 
 # method key -> the name it has in reports (the demo's report.json uses these)
@@ -250,19 +250,21 @@ def evaluate(model, tokenizer, documents, questions: list[dict], settings: EvalC
     "closed_book", "open_book", "rag", "pd_rag" (reported as base_closed_book,
     teacher_open_book, rag_bm25, pd_rag). students: `{name: model}` answered closed-book
     with the same tokenizer; a value may also be a zero-argument callable returning the
-    model (loaded when its turn comes, released after). `pd_rag` is the student named
-    "prompt_distillation" with the RAG passages in its prompt (skipped, with a note, when
-    there is no such student). With a judge model (a model, not `settings.judge_model`'s
-    path), each method also gets `judge` (share judged correct; unparsable verdicts count
-    as wrong).
+    model (loaded when its turn comes, released after), or a list of them: one per
+    training seed, reported together (the mean over seeds, `seeds`, `per_seed`). `pd_rag`
+    is the student named "prompt_distillation" with the RAG passages in its prompt
+    (skipped, with a note, when there is no such student). With a judge model (a model,
+    not `settings.judge_model`'s path), each method also gets `judge` (share judged
+    correct; unparsable verdicts count as wrong).
 
     Returns `(metrics, per_question)`: `metrics[name] = {exact_match, f1, contains, n[, judge]}`,
-    `per_question[i] = {doc_id, question, reference, answers: {name: text},
-    scores: {name: {...}}, retrieved: [doc_id]}` (retrieved only with rag or pd_rag).
+    `per_question[i] = {doc_id, question, reference, answers: {name: text}, scores: {name: {...}}
+    [, seed_scores: {name: [{...} per seed]}], retrieved: [doc_id]}` (retrieved only with rag
+    or pd_rag; a method with several seeds has a list of answers and its mean scores).
     """
     cfg = dataclasses.replace(settings or _DEFAULTS, **overrides)
     docs = check_eval_inputs(documents, questions)
-    students = dict(students or {})
+    students = {name: list(s) if isinstance(s, (list, tuple)) else [s] for name, s in (students or {}).items()}
     methods = set(cfg.methods)
     if "pd_rag" in methods and PD_STUDENT not in students:
         print(f"eval: pd_rag skipped: no student named {PD_STUDENT}", file=sys.stderr)
@@ -273,45 +275,69 @@ def evaluate(model, tokenizer, documents, questions: list[dict], settings: EvalC
         retrieved = retrieve(docs, questions, top_n=cfg.rag_top_n, passage_words=cfg.passage_words)
     contexts = {"open_book": [document_of(docs, q, "question")["text"] for q in questions],
                 "rag": [r["context"] for r in retrieved] if retrieved else None}
-    answers: dict[str, list[str]] = {}
+    runs: dict[str, list[list[str]]] = {}  # method -> one list of answers per training seed
     if "closed_book" in methods:
-        answers["base_closed_book"] = answer_closed_book(model, tokenizer, questions, **common)
+        runs["base_closed_book"] = [answer_closed_book(model, tokenizer, questions, **common)]
     for method in ("open_book", "rag"):
         if method in methods:
-            answers[METHOD_NAMES[method]] = answer_with_contexts(model, tokenizer, contexts[method], questions,
-                                                                 desc=method.replace("_", " "), **common)
-    for name, student in students.items():
-        student_model = student() if callable(student) and not hasattr(student, "generate") else student
-        answers[name] = answer_closed_book(student_model, tokenizer, questions, **common)
-        if name == PD_STUDENT and "pd_rag" in methods:
-            answers["pd_rag"] = answer_with_contexts(student_model, tokenizer, contexts["rag"], questions,
-                                                     desc="pd + rag", **common)
-        del student_model
-    if not answers:
+            runs[METHOD_NAMES[method]] = [answer_with_contexts(model, tokenizer, contexts[method], questions,
+                                                               desc=method.replace("_", " "), **common)]
+    for name, seeds in students.items():
+        for student in seeds:
+            student_model = student() if callable(student) and not hasattr(student, "generate") else student
+            runs.setdefault(name, []).append(answer_closed_book(student_model, tokenizer, questions, **common))
+            if name == PD_STUDENT and "pd_rag" in methods:
+                runs.setdefault("pd_rag", []).append(answer_with_contexts(
+                    student_model, tokenizer, contexts["rag"], questions, desc="pd + rag", **common))
+            del student_model
+    if not runs:
         raise InputError("nothing to evaluate: no methods and no students")
-    return _score_all(questions, answers, retrieved, judge_model, judge_tokenizer, cfg)
+    return _score_all(questions, runs, retrieved, judge_model, judge_tokenizer, cfg)
 
 
-def _score_all(questions, answers, retrieved, judge_model, judge_tokenizer, cfg):
+def _score_all(questions, runs, retrieved, judge_model, judge_tokenizer, cfg):
+    """Metrics and per-question rows from each method's runs (one per training seed)."""
     refs = [q["answer"] for q in questions]
-    metrics = {name: score(preds, refs) for name, preds in answers.items()}
-    verdicts = {}
+    scores = {name: [[score_one(p, r) for p, r in zip(preds, refs)] for preds in seeds]
+              for name, seeds in runs.items()}
     if judge_model is not None:
-        for name, preds in answers.items():
-            verdicts[name] = judge(judge_model, judge_tokenizer, questions, preds, batch_size=cfg.batch_size,
-                                   progress=cfg.progress)
-            metrics[name]["judge"] = sum(v is True for v in verdicts[name]) / len(preds)
+        for name, seeds in runs.items():
+            for run_scores, preds in zip(scores[name], seeds):
+                verdicts = judge(judge_model, judge_tokenizer, questions, preds, batch_size=cfg.batch_size,
+                                 progress=cfg.progress)
+                for one, verdict in zip(run_scores, verdicts):
+                    one["judge"] = verdict
+    metrics = {name: _summary(run_scores) for name, run_scores in scores.items()}
     per_question = []
     for i, q in enumerate(questions):
         row = {"doc_id": str(q["doc_id"]), "question": q["question"], "reference": q["answer"],
-               "answers": {name: preds[i] for name, preds in answers.items()},
-               "scores": {name: score_one(preds[i], q["answer"]) for name, preds in answers.items()}}
-        for name in verdicts:
-            row["scores"][name]["judge"] = verdicts[name][i]
+               "answers": {name: seeds[0][i] if len(seeds) == 1 else [s[i] for s in seeds]
+                           for name, seeds in runs.items()},
+               "scores": {name: _mean_scores([s[i] for s in run_scores]) for name, run_scores in scores.items()}}
+        several = {name: [s[i] for s in run_scores] for name, run_scores in scores.items() if len(run_scores) > 1}
+        if several:
+            row["seed_scores"] = several
         if retrieved is not None:
             row["retrieved"] = retrieved[i]["doc_ids"]
         per_question.append(row)
     return metrics, per_question
+
+
+def _mean_scores(per_seed: list[dict]) -> dict:
+    """One question's scores: as they are for one seed, the mean over seeds otherwise."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    return {m: sum(as_number(s[m]) for s in per_seed) / len(per_seed) for m in per_seed[0]}
+
+
+def _summary(run_scores: list[list[dict]]) -> dict:
+    """A method's metrics: means over questions (and over seeds, with each seed's mean listed)."""
+    per_run = [{m: sum(as_number(s[m]) for s in run) / len(run) for m in run[0]} for run in run_scores]
+    n = len(run_scores[0])
+    if len(per_run) == 1:
+        return {**per_run[0], "n": n}
+    metrics = {m: sum(r[m] for r in per_run) / len(per_run) for m in per_run[0]}
+    return {**metrics, "n": n, "seeds": len(per_run), "per_seed": {m: [r[m] for r in per_run] for m in metrics}}
 
 
 # ---------------------------------------------------------------- CLI
@@ -328,7 +354,8 @@ def add_arguments(parser) -> None:
     """Options of `pdengine eval`."""
     generation.add_model_arguments(parser, out_help="output directory for the report")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                        help="a trained adapter, answered closed-book and reported as NAME (repeatable)")
+                        help="a trained adapter, answered closed-book and reported as NAME (repeatable; "
+                             "one NAME given several times = several training seeds, reported together)")
     parser.add_argument("--questions", required=True, help="evaluation JSONL: {doc_id, question, answer}")
     C.add_arguments(parser, EvalConfig)
 
@@ -355,10 +382,13 @@ def run(args) -> int:
 
     cfg = C.from_args(EvalConfig, args)
     _check_out_dir(args.out)
-    adapters = dict(_adapter_spec(a) for a in args.adapter)
-    for name, path in adapters.items():
+    adapters: dict[str, list[str]] = {}  # name -> one directory per training seed
+    for name, path in map(_adapter_spec, args.adapter):
         if not Path(path).is_dir():
             raise InputError(f"--adapter {name}: directory {path} does not exist")
+        if path in adapters.get(name, []):
+            raise InputError(f"--adapter {name}={path} is given twice")
+        adapters.setdefault(name, []).append(path)
     documents = read_jsonl(args.documents, required=("id", "text"))
     questions = read_jsonl(args.questions, required=("doc_id", "question", "answer"))
     check_eval_inputs(documents, questions)  # before any model loads
@@ -369,11 +399,12 @@ def run(args) -> int:
             judge_model, judge_tokenizer = generation.load_model(cfg.judge_model, cfg, args.device)
         metrics, per_question = evaluate(
             model, tokenizer, documents, questions, cfg,
-            students={name: _adapter_loader(args, cfg, path) for name, path in adapters.items()},
+            students={name: [_adapter_loader(args, cfg, p) for p in paths] for name, paths in adapters.items()},
             judge_model=judge_model, judge_tokenizer=judge_tokenizer, fmt=PromptFormat(system=args.system),
         )
         paths = write_report(args.out, metrics, per_question,
-                             extra={"model": str(args.model), "adapters": adapters, "settings": C.to_dict(cfg)})
-    print(markdown_table(metrics, n_questions=len(per_question)))
+                             extra={"model": str(args.model), "settings": C.to_dict(cfg),
+                                    "adapters": {n: p[0] if len(p) == 1 else p for n, p in adapters.items()}})
+    print(paths["md"].read_text(encoding="utf-8"), end="")  # the table with intervals and differences
     print(f"report: {paths['md']}", file=sys.stderr)
     return 0

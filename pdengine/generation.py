@@ -124,7 +124,9 @@ def _generation_config(tokenizer, stop, *, temperature, top_k, max_new_tokens):
 def seeded(seed: int, device):
     """Seed torch's RNGs for a block and restore the caller's RNG state afterwards."""
     device = torch.device(device)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

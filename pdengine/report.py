@@ -12,6 +12,8 @@ import itertools
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pdengine import statistics
 from pdengine.errors import InputError
 
@@ -56,16 +58,24 @@ def write_report(out_dir, methods: dict, per_question: list, extra: dict | None 
 # ---------------------------------------------------------------- statistics
 
 
-def per_question_values(per_question: list, method: str, metric: str) -> list[float]:
-    """One score per question; a judge verdict counts 1 only when it is True (None is wrong)."""
-    values = []
+def as_number(value) -> float:
+    """A per-question score as a number; a judge verdict counts 1 only when it is True (None is wrong)."""
+    return 1.0 if value is True else 0.0 if value is False or value is None else float(value)
+
+
+def per_question_values(per_question: list, method: str, metric: str) -> list:
+    """One score per question (`[n]`), or `[k, n]` when the method ran with k training seeds."""
+    rows = []
     for i, row in enumerate(per_question):
         try:
-            value = row["scores"][method][metric]
-        except (KeyError, TypeError):
+            seeds = row.get("seed_scores", {}).get(method) or [row["scores"][method]]
+            rows.append([as_number(s[metric]) for s in seeds])
+        except (KeyError, TypeError, AttributeError):
             raise InputError(f"per_question[{i}] has no {metric} score for {method}") from None
-        values.append(1.0 if value is True else 0.0 if value in (False, None) else float(value))
-    return values
+    if len({len(r) for r in rows}) > 1:
+        raise InputError(f"{method}: the questions have scores of different numbers of seeds")
+    by_seed = [list(x) for x in zip(*rows)]
+    return by_seed[0] if len(by_seed) == 1 else by_seed
 
 
 def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
@@ -88,16 +98,17 @@ def with_intervals(methods: dict, per_question: list, **bootstrap) -> tuple[dict
     columns = metric_columns(methods)
     values = {(m, c): per_question_values(per_question, m, c) for m in methods for c in columns
               if isinstance(methods[m].get(c), (int, float))}
+    resampled = {key: boot.means(series) for key, series in values.items()}
     enriched = {m: dict(v) for m, v in methods.items()}
-    for (m, c), series in values.items():
-        enriched[m][f"{c}_ci"] = boot.interval(series)
+    for (m, c), means in resampled.items():
+        enriched[m][f"{c}_ci"] = statistics.percentile_interval(means)
     comparisons = {}
     for a, b in comparison_pairs(list(methods)):
         row = {}
         for c in columns:
             if (a, c) in values and (b, c) in values:
-                diff = [x - y for x, y in zip(values[(a, c)], values[(b, c)])]
-                row[c], row[f"{c}_ci"] = sum(diff) / len(diff), boot.interval(diff)
+                row[c] = float(np.mean(values[(a, c)]) - np.mean(values[(b, c)]))
+                row[f"{c}_ci"] = statistics.percentile_interval(resampled[(a, c)] - resampled[(b, c)])
         comparisons[f"{a}-{b}"] = row
     return enriched, comparisons
 
@@ -126,7 +137,8 @@ def markdown_table(methods: dict, n_questions: int | None = None) -> str:
     cols = metric_columns(methods)
     lines = ["| method | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for name, m in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(m, c) for c in cols) + " |")
+        label = f"{name} ({m['seeds']} seeds)" if m.get("seeds") else name
+        lines.append(f"| {label} | " + " | ".join(_cell(m, c) for c in cols) + " |")
     has_ci = any(f"{c}_ci" in m for m in methods.values() for c in cols)
     note = ", [95 % bootstrap interval over questions]" if has_ci else ""
     head = f"Evaluation on {n_questions} questions (scores in %{note}).\n\n" if n_questions is not None else ""

@@ -213,6 +213,12 @@ def test_eval_cli_one_line_errors(eval_files, capsys):
     (tmp / "file").write_text("x")
     assert cli.main([*argv, "--out", str(tmp / "file")]) == 2
     assert "--out" in _one_error_line(capsys) and (tmp / "file").read_text() == "x"
+    (tmp / "ad").mkdir()
+    twice = ["--adapter", f"pd={tmp / 'ad'}"] * 2
+    assert cli.main([*argv, "--out", str(tmp / "r"), *twice]) == 2
+    assert "is given twice" in _one_error_line(capsys)
+    assert cli.main([*argv, "--out", str(tmp / "r"), "--adapter", "pd"]) == 2
+    assert "--adapter expects NAME=DIR" in _one_error_line(capsys)
     (tmp / "eval.jsonl").write_text(json.dumps({**QUESTIONS[0], "answer": {"a": 1}}) + "\n")
     assert cli.main([*argv, "--out", str(tmp / "r")]) == 2
     assert "a reference answer must be a string" in _one_error_line(capsys)
@@ -232,3 +238,17 @@ def test_eval_holds_a_lock_on_its_output_directory(eval_files, capsys):
     assert cli.main([*argv, "--out", str(tmp / "r"), "--methods", "closed_book"]) == 0
     report = json.loads((tmp / "r" / "report.json").read_text())
     assert list(report["methods"]) == ["base_closed_book"] and report["settings"]["max_new_tokens"] == 2
+
+
+def test_several_training_seeds_of_one_student(monkeypatch):
+    answers = {"s0": "Oslo", "s1": "Rome"}
+    monkeypatch.setattr(generation, "greedy_texts",
+                        lambda model, tok, p, **k: [answers.get(model, "x")] * len(p))
+    metrics, per_q = ev.evaluate("base", tiny_tokenizer(), DOCS, QUESTIONS[:2], methods=("closed_book",),
+                                 students={"sft": ["s0", lambda: "s1"]}, progress=False)
+    # s0 right on question 0, s1 on question 1: each seed 50 %, and so is their mean
+    assert metrics["sft"]["contains"] == 0.5 and metrics["sft"]["seeds"] == 2
+    assert metrics["sft"]["per_seed"]["contains"] == [0.5, 0.5]
+    assert per_q[0]["answers"]["sft"] == ["Oslo", "Rome"] and per_q[0]["scores"]["sft"]["contains"] == 0.5
+    assert [s["contains"] for s in per_q[1]["seed_scores"]["sft"]] == [0.0, 1.0]
+    assert "seed_scores" not in per_q[0] or "base_closed_book" not in per_q[0]["seed_scores"]

@@ -44,7 +44,7 @@ def test_paired_comparisons_cover_every_pair_with_the_papers_orientation():
     pd_sft = comparisons["prompt_distillation-sft"]
     diff = [a - b for a, b in zip(SCORES["prompt_distillation"], SCORES["sft"])]
     assert pd_sft["contains"] == pytest.approx(0.3)
-    assert pd_sft["contains_ci"] == S.Bootstrap(40).interval(diff)
+    assert pd_sft["contains_ci"] == pytest.approx(S.Bootstrap(40).interval(diff), abs=1e-12)
     assert comparisons["pd_rag-rag_bm25"]["contains_ci"][0] > 0  # right on 6 more, wrong on none more
     assert R.comparison_pairs(["a", "b", "c"]) == [("b", "a"), ("c", "a"), ("c", "b")]
 
@@ -68,3 +68,20 @@ def test_report_files_carry_intervals_and_comparisons(tmp_path):
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(InputError, match="must not override"):
         R.write_report(tmp_path, _methods(SCORES), _rows(SCORES), extra={"comparisons": {}})
+
+
+def test_several_seeds_widen_the_interval_and_are_listed():
+    seeds = [[1.0] * 32 + [0.0] * 8, [1.0] * 20 + [0.0] * 20, [1.0] * 26 + [0.0] * 14]
+    rows = _rows({"sft": SCORES["sft"]})
+    for i, row in enumerate(rows):
+        row["seed_scores"] = {"prompt_distillation": [{k: s[i] for k in R.METRICS} for s in seeds]}
+        row["scores"]["prompt_distillation"] = {k: sum(s[i] for s in seeds) / 3 for k in R.METRICS}
+    methods = {"sft": _methods({"sft": SCORES["sft"]})["sft"],
+               "prompt_distillation": {"contains": 78 / 120, "exact_match": 78 / 120, "f1": 78 / 120, "n": 40,
+                                       "seeds": 3}}
+    enriched, comparisons = R.with_intervals(methods, rows)
+    low, high = enriched["prompt_distillation"]["contains_ci"]
+    q_only = S.Bootstrap(40).interval([sum(s[i] for s in seeds) / 3 for i in range(40)])
+    assert high - low > q_only[1] - q_only[0]  # training noise widens it
+    assert comparisons["prompt_distillation-sft"]["contains"] == pytest.approx(78 / 120 - 0.5)
+    assert "| prompt_distillation (3 seeds) |" in R.markdown_table(enriched)

@@ -67,3 +67,15 @@ def test_fixed_seed_makes_reports_reproducible():
 def test_bad_inputs(call, needle):
     with pytest.raises(InputError, match=needle):
         call()
+
+
+def test_seeds_are_resampled_too():
+    # seed 0 wrong on every question, seed 1 right on every one: only the seed draw matters,
+    # and two seeds drawn with replacement give means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4
+    runs = [[0.0] * 30, [1.0] * 30]
+    means = S.Bootstrap(30, n_resamples=20_000).means(runs)
+    assert [np.mean(means == v) for v in (0.0, 0.5, 1.0)] == pytest.approx([0.25, 0.5, 0.25], abs=0.015)
+    assert S.mean_ci(runs, n_resamples=20_000) == (0.5, [0.0, 1.0])
+    # identical seeds: the same interval as one seed (the seed draw changes nothing)
+    one = np.random.default_rng(2).random(30)
+    assert S.Bootstrap(30).interval([one, one, one]) == pytest.approx(S.Bootstrap(30).interval(one))
