@@ -22,7 +22,6 @@ report.md, report.png and answers.jsonl.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import re
 import string
 import sys
@@ -262,7 +261,7 @@ def evaluate(model, tokenizer, documents, questions: list[dict], settings: EvalC
     [, seed_scores: {name: [{...} per seed]}], retrieved: [doc_id]}` (retrieved only with rag
     or pd_rag; a method with several seeds has a list of answers and its mean scores).
     """
-    cfg = dataclasses.replace(settings or _DEFAULTS, **overrides)
+    cfg = generation.resolve_settings(EvalConfig, settings, overrides)
     docs = check_eval_inputs(documents, questions)
     students = {name: list(s) if isinstance(s, (list, tuple)) else [s] for name, s in (students or {}).items()}
     methods = set(cfg.methods)

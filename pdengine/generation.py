@@ -13,6 +13,7 @@ extend it, so these defaults are written once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from contextlib import contextmanager
@@ -37,6 +38,15 @@ class ModelStageSettings:
 
     def __post_init__(self):
         check_settings(self)
+
+
+def resolve_settings(cls, settings, overrides: dict):
+    """`settings` (default: `cls()`) with a function's keyword overrides (`n_questions=3`);
+    a bad value is an InputError, an unknown keyword a TypeError, as for any function."""
+    settings = settings if settings is not None else cls()
+    if not isinstance(settings, cls):
+        raise TypeError(f"settings must be a {cls.__name__}, got {type(settings).__name__}")
+    return dataclasses.replace(settings, **overrides)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, out_help: str) -> None:

@@ -14,7 +14,6 @@ looked up through the one documents index, `pdengine.documents`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import sys
@@ -141,14 +140,6 @@ class AnswerConfig(ModelStageSettings):
     seed: int = setting(0, "sampling seed")
 
 
-def _settings(cls, settings, overrides: dict):
-    """`settings` (default: `cls()`) with keyword overrides; bad values are InputErrors."""
-    settings = settings if settings is not None else cls()
-    if not isinstance(settings, cls):
-        raise TypeError(f"settings must be a {cls.__name__}, got {type(settings).__name__}")
-    return dataclasses.replace(settings, **overrides)
-
-
 def question_prompt_text(value: str | None) -> str:
     """The question prompt a setting names: None = built-in, "@FILE" = read from FILE, else the text."""
     if value is None:
@@ -187,7 +178,7 @@ def generate_questions(model, tokenizer, documents: list[dict], settings: Genera
 
     Returns `[{"doc_id", "question"}]`, grouped by document in input order.
     """
-    cfg = _settings(GenerateConfig, settings, overrides)
+    cfg = generation.resolve_settings(GenerateConfig, settings, overrides)
     docs = index_documents(documents)
     max_calls = cfg.max_calls or 4 * math.ceil(cfg.n_questions / cfg.per_call)
     prompt = question_prompt_text(cfg.prompt)
@@ -249,7 +240,7 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
     together, in question order. `answer_ids` are the sampled ids without end of turn or
     padding; `answer` is their decoded text. Empty answers are dropped (counted on stderr).
     """
-    cfg = _settings(AnswerConfig, settings, overrides)
+    cfg = generation.resolve_settings(AnswerConfig, settings, overrides)
     docs = index_documents(documents)
     pairs = []
     for i, q in enumerate(questions):

@@ -74,3 +74,16 @@ def test_shared_settings_check_their_values():
         generation.ModelStageSettings(batch_size=0)
     with pytest.raises(InputError, match="dtype must be one of"):
         generation.ModelStageSettings(dtype="int8")
+
+
+def test_resolve_settings_applies_overrides_and_checks_them():
+    base = generation.ModelStageSettings(batch_size=4)
+    assert generation.resolve_settings(generation.ModelStageSettings, base, {"progress": False}) == \
+        generation.ModelStageSettings(batch_size=4, progress=False)
+    assert generation.resolve_settings(generation.ModelStageSettings, None, {}) == generation.ModelStageSettings()
+    with pytest.raises(InputError, match="batch_size must be > 0"):
+        generation.resolve_settings(generation.ModelStageSettings, None, {"batch_size": -1})
+    with pytest.raises(TypeError):
+        generation.resolve_settings(generation.ModelStageSettings, None, {"batch": 1})
+    with pytest.raises(TypeError, match="settings must be a ModelStageSettings"):
+        generation.resolve_settings(generation.ModelStageSettings, {"batch_size": 1}, {})
