@@ -95,3 +95,15 @@ def _replay_inputs():
     from train_helpers import DOCUMENTS
 
     return DOCUMENTS, QA[2:]
+
+
+def test_a_second_trainer_on_the_same_out_exits_2_naming_the_holder(tmp_path, capsys):
+    from pdengine.locking import DirectoryLock
+
+    make_cache(tmp_path)
+    with DirectoryLock(tmp_path / "run", purpose="pdengine train --out run (first)"):
+        assert main(["train", *_common(tmp_path), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "in use by another pdengine process" in err and "(first)" in err
+    assert not (tmp_path / "run" / "run.json").exists()
+    assert main(["train", *_common(tmp_path), "--max-steps", "1"]) == 0  # the lock is free again
