@@ -66,8 +66,10 @@ def _weight_sample(weight: torch.Tensor) -> bytes:
     # and an fp32 (CPU) copy of one checkpoint agree; hashing every value of a 7B model
     # would cost seconds on each check for no practical gain (a fine-tune moves them all).
     flat = weight.detach().reshape(-1)
-    if flat.numel() > _SAMPLE:
-        flat = flat[torch.linspace(0, flat.numel() - 1, _SAMPLE, device=flat.device).long()]
+    n = flat.numel()
+    if n > _SAMPLE:  # integer positions: a float32 linspace overshoots beyond 2**24 elements
+        # index_select: plain `flat[positions]` costs ~400x more here (20 ms for a 32M tensor).
+        flat = flat.index_select(0, torch.arange(_SAMPLE, device=flat.device) * (n - 1) // (_SAMPLE - 1))
     return flat.to("cpu", torch.bfloat16).float().numpy().tobytes()
 
 

@@ -310,3 +310,11 @@ def test_an_edited_fingerprint_is_named_when_every_field_agrees(cache_dir, made)
     with pytest.raises(InputError, match="model fingerprint: cache f{32}, given .*although config, weights and "
                                          "vocabulary agree \\(was the manifest edited\\?\\)"):
         TeacherCache(cache_dir, model=model)
+
+
+def test_weight_samples_cover_both_ends_of_large_tensors():
+    """Sample positions are exact integers (a float32 linspace ran past the end beyond 2**24)."""
+    weight = torch.zeros(2 ** 25 + 3, dtype=torch.int8)
+    weight[0], weight[-1] = 1, 2
+    sample = torch.frombuffer(bytearray(fingerprints._weight_sample(weight)), dtype=torch.float32)
+    assert sample.numel() == fingerprints._SAMPLE and (sample[0], sample[-1]) == (1, 2)
