@@ -31,7 +31,7 @@ from pdengine.fingerprints import model_differences, tokenizer_differences
 from pdengine.locking import LOCK_NAME, DirectoryLock
 from pdengine.modeling import greedy_pack
 from pdengine.ops.teacher_topk import teacher_topk
-from pdengine.prompts import DEFAULT_FORMAT, PromptFormat, build_example
+from pdengine.prompts import DEFAULT_FORMAT, PromptFormat, build_example, check_context_length
 
 
 @dataclass(frozen=True)
@@ -372,6 +372,7 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=_D.k, temperatu
         raise InputError(f"k={k} is larger than the model's vocabulary ({vocab})")
     examples = build_examples(tokenizer, documents, qa_pairs, fmt, student_sees_document=student_sees_document,
                               vocab_size=vocab)
+    check_context_length(model, [(ex["doc_id"], len(ex["teacher_input_ids"])) for ex in examples])
     manifest = _new_manifest(model, tokenizer, fmt, examples, settings)
     with DirectoryLock(out_dir, "pdengine prefill"):
         existing = _resumable_manifest(out_dir, manifest) if resume else None

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdengine.errors import InputError
+
 PLAIN_TEMPLATE = "{system}User: {user}\nAssistant:"
 
 
@@ -97,3 +99,41 @@ def build_example(tokenizer, document: str, question: str, answer_ids, fmt: Prom
         "answer_start_teacher": len(teacher),
         "answer_start_student": len(student),
     }
+
+
+# ------------------------------------------------------------------ context length
+
+
+def context_length(model) -> int | None:
+    """The number of positions the model was built for (`config.max_position_embeddings`),
+    None when its config names none. Accepts a model or its config."""
+    config = getattr(model, "config", model)
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context_length(model, lengths, *, budget: int = 0,
+                         what: str = "teacher sequence (prompt + document + question + answer)") -> None:
+    """InputError unless every sequence, plus `budget` tokens still to be generated, fits
+    the model's context length; called by a stage before it runs the model.
+
+    `lengths`: (document id, token count) pairs, e.g. one per QA pair. The error names the
+    first document whose longest sequence is over the limit, that length and the limit
+    (and how many other documents are over it): beyond its positions a model reads garbage
+    or fails, so a too-long document is refused up front rather than found mid-run.
+    """
+    limit = context_length(model)
+    if limit is None:
+        return
+    longest: dict[str, int] = {}
+    for doc_id, n_tokens in lengths:
+        key = str(doc_id)
+        longest[key] = max(longest.get(key, 0), int(n_tokens) + budget)
+    over = [(key, n) for key, n in longest.items() if n > limit]
+    if not over:
+        return
+    doc_id, n_tokens = over[0]
+    spent = f" including {budget} tokens to generate" if budget else ""
+    more = f" ({len(over) - 1} more documents are too long)" if len(over) > 1 else ""
+    raise InputError(f"document {doc_id!r}: its {what} is {n_tokens} tokens{spent}, over the model's context "
+                     f"length of {limit} (max_position_embeddings){more}; shorten or split the document")
