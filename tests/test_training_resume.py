@@ -46,7 +46,8 @@ def test_resume_refuses_every_change_that_alters_the_result(tmp_path, items):
     train(tiny_model(), None, items, tmp_path, config(max_steps=1))
     with pytest.raises(InputError, match="already holds a run.*--resume"):
         train(tiny_model(), None, items, tmp_path, config(max_steps=1))
-    with pytest.raises(InputError, match=r"cannot resume .*: epochs 2 -> 5; lr 0.003 -> 1.0; seed 0 -> 1 \(these change the result") as e:
+    changes = r"cannot resume .*: epochs 2 -> 5; lr 0.003 -> 1.0; seed 0 -> 1 \(these change the result"
+    with pytest.raises(InputError, match=changes) as e:
         train(tiny_model(), None, items, tmp_path, config(max_steps=2, lr=1.0, epochs=5, seed=1), resume=True)
     assert "\n" not in str(e.value)
     with pytest.raises(InputError, match=r"lora_r 4 -> 8.*schedule_steps None -> 9"):
