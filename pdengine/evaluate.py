@@ -11,19 +11,17 @@ Methods, all with greedy decoding and batched:
 - PD + RAG (`pd_rag`): the prompt-distilled student (the student named
   "prompt_distillation") with the same retrieved passages in its prompt.
 
-Metrics (SQuAD normalisation: lower case, no punctuation, no articles a/an/the, single
-spaces): exact match, token F1, and contains (the normalised reference appears, on word
-boundaries, inside the normalised prediction). An optional local judge model grades each
-answer with a yes/no prompt.
+Metrics (`pdengine.metrics`, SQuAD normalisation): exact match, token F1 and contains. An
+optional local judge model grades each answer with a yes/no prompt. A student may come with
+several training seeds; its scores are then the mean over seeds.
 
-`evaluate(...)` runs everything; `write_report(...)` (pdengine.report) writes report.json,
-report.md, report.png and answers.jsonl.
+`evaluate(...)` runs everything; `write_report(...)` (`pdengine.report`) writes report.json
+(with bootstrap intervals and paired differences, `pdengine.statistics`), report.md,
+report.png and answers.jsonl.
 """
 from __future__ import annotations
 
-import collections
 import re
-import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +32,10 @@ from pdengine.config import Check, POSITIVE, setting
 from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
 from pdengine.generation import ModelStageSettings
+from pdengine.metrics import (  # noqa: F401  (public here too)
+    METRICS, contains, exact_match, f1, normalize_answer, references, score, score_one)
 from pdengine.prompts import DEFAULT_FORMAT, PromptFormat
-from pdengine.report import METRICS, as_number, markdown_table, write_report  # noqa: F401  (public here too)
+from pdengine.report import as_number, markdown_table, write_report  # noqa: F401  (public here too)
 from pdengine.retrieval import retrieve
 
 # method key -> the name it has in reports (the demo's report.json uses these)
@@ -68,70 +68,6 @@ class EvalConfig(ModelStageSettings):
 
 _DEFAULTS = EvalConfig()
 
-# ---------------------------------------------------------------- metrics
-
-_PUNCTUATION = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation, drop a/an/the, collapse spaces."""
-    text = "".join(ch for ch in str(text).lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(reference))
-
-
-def f1(prediction: str, reference: str) -> float:
-    """SQuAD token F1 on normalised text (1.0 when both are empty, 0.0 when one is)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def contains(prediction: str, reference: str) -> float:
-    """1.0 when the normalised reference occurs in the normalised prediction as whole words."""
-    pred, ref = normalize_answer(prediction), normalize_answer(reference)
-    if not ref:
-        return float(not pred)
-    return float(f" {ref} " in f" {pred} ")
-
-
-def _references(reference) -> list[str]:
-    refs = [reference] if isinstance(reference, str) else reference
-    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-        raise InputError(f"a reference answer must be a string or a non-empty list of strings, got {reference!r}")
-    return refs
-
-
-def score_one(prediction: str, reference) -> dict:
-    """`{exact_match, f1, contains}` of one prediction; the best over several references."""
-    refs = _references(reference)
-    return {
-        "exact_match": max(exact_match(prediction, r) for r in refs),
-        "f1": max(f1(prediction, r) for r in refs),
-        "contains": max(contains(prediction, r) for r in refs),
-    }
-
-
-def score(predictions: list[str], references: list) -> dict:
-    """Mean exact match, F1 and contains over questions (values in [0, 1]), plus `n`."""
-    if len(predictions) != len(references):
-        raise InputError(f"predictions ({len(predictions)}) and references ({len(references)}) differ in length")
-    if not predictions:
-        raise InputError("predictions is empty")
-    per = [score_one(p, r) for p, r in zip(predictions, references)]
-    means = {m: sum(s[m] for s in per) / len(per) for m in METRICS}
-    return {**means, "n": len(per)}
-
-
 # ---------------------------------------------------------------- input checks
 
 
@@ -147,7 +83,7 @@ def _check_questions(questions, need_answer: bool = False) -> None:
             if "answer" not in q:
                 raise InputError(f"questions[{i}] has no 'answer'")
             try:
-                _references(q["answer"])
+                references(q["answer"])
             except InputError as e:
                 raise InputError(f"questions[{i}]: {e}") from None
 
@@ -229,7 +165,7 @@ def judge(model, tokenizer, questions: list[dict], predictions: list[str], *, pr
     _check_questions(questions, need_answer=True)
     if len(predictions) != len(questions):
         raise InputError(f"predictions ({len(predictions)}) and questions ({len(questions)}) differ in length")
-    texts = [prompt.format(question=q["question"], reference=_references(q["answer"])[0], prediction=p)
+    texts = [prompt.format(question=q["question"], reference=references(q["answer"])[0], prediction=p)
              for q, p in zip(questions, predictions)]
     return [parse_verdict(r) for r in generation.greedy_texts(
         model, tokenizer, [prompts.prompt_ids(tokenizer, t) for t in texts], max_new_tokens=max_new_tokens,

@@ -16,8 +16,7 @@ import numpy as np
 
 from pdengine import statistics
 from pdengine.errors import InputError
-
-METRICS = ("exact_match", "f1", "contains")
+from pdengine.metrics import METRICS
 # (a, b) pairs reported as a - b in this orientation; other pairs follow the methods' order
 KEY_COMPARISONS = (("prompt_distillation", "sft"), ("prompt_distillation", "rag_bm25"), ("pd_rag", "rag_bm25"),
                    ("prompt_distillation", "base_closed_book"), ("sft", "base_closed_book"),
