@@ -67,3 +67,17 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None):
 def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def load_tokenizer_and_config(path):
+    """`(tokenizer, config)` of a local model directory without its weights: what a
+    pre-flight check (context length, vocabulary) needs before any stage loads the model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    _check_model_dir(path)
+    try:
+        return (AutoTokenizer.from_pretrained(path, local_files_only=True),
+                AutoConfig.from_pretrained(path, local_files_only=True))
+    except (OSError, KeyError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer and config of {path}: {_first_line(e)}") from None

@@ -242,6 +242,27 @@ def plan_pipeline(config: dict, stages: list[str]) -> list[StagePlan]:
     return [plan_stage(stage, config, wires[stage]) for stage in stages]
 
 
+def check_documents_fit(config: dict, plans: list[StagePlan]) -> None:
+    """Before any stage loads the model: every document's teacher prompt (system prompt +
+    document; its questions are not written yet) plus the answer budget must fit the
+    model's context length. The stages check their exact sequences again."""
+    from pdengine.documents import index_documents
+    from pdengine.io import read_jsonl
+    from pdengine.loading import load_tokenizer_and_config
+    from pdengine.prompts import PromptFormat, check_context_length, teacher_prompt_ids
+
+    by_name = {plan.name: plan for plan in plans}
+    if not {"generate", "answer", "prefill"} & set(by_name):
+        return
+    tokenizer, model_config = load_tokenizer_and_config(config["model"])
+    documents = index_documents(read_jsonl(config["documents"], required=("id", "text")), config["documents"])
+    fmt = PromptFormat(system=config.get("system"))
+    budget = by_name["answer"].settings.max_new_tokens if "answer" in by_name else 0
+    lengths = [(key, len(teacher_prompt_ids(tokenizer, doc["text"], "", fmt))) for key, doc in documents.items()]
+    check_context_length(model_config, lengths, budget=budget,
+                         what="teacher prompt (system + document, before its question)")
+
+
 # ---------------------------------------------------------------- fingerprints and markers
 
 
@@ -284,6 +305,7 @@ def run_pipeline(args) -> int:
         _say("eval: skipped (no eval_questions in the config)")
         stages.remove("eval")
     plans = plan_pipeline(config, stages)  # raises before OUT is touched
+    check_documents_fit(config, plans)
     out = Path(config["out"])
     with DirectoryLock(out, "pdengine run"):
         hashes = InputHashes(out / ".pdengine" / "input-hashes.json")

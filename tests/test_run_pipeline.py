@@ -137,3 +137,14 @@ def test_marker_records_the_settings_and_input_digests(model_dir, data):
     assert done["settings"]["n_questions"] == 2
     docs = str(data / "docs.jsonl")
     assert len(done["inputs"][docs]["sha256"]) == 64 and str(model_dir) in done["inputs"]
+
+
+def test_a_document_too_long_for_the_model_stops_the_run_before_any_stage(model_dir, data, capsys):
+    long_doc = {"id": 7, "text": " ".join(["Ada lives in Oslo ."] * 60)}  # 300 words, the model has 256 positions
+    write_jsonl(data / "docs.jsonl", [QA_DOCS[0], long_doc])
+    cfg = _config(data, model_dir, stages="generate,answer", **FAST)
+    assert cli.main(["run", "--config", str(cfg)]) == 2
+    line = _error_line(capsys)
+    assert "document '7': its teacher prompt (system + document, before its question) is " in line
+    assert "including 5 tokens to generate, over the model's context length of 256" in line
+    assert not (data / "run").exists()
