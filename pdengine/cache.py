@@ -22,8 +22,8 @@ from pdengine.training.sources import DataSource
 # Re-exported so `from pdengine.cache import ...` of the format's names keeps working while
 # callers move to `pdengine.cache_format`.
 from pdengine.cache_format import (  # noqa: F401
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST, decode_logprobs, encode_logprobs, encode_topk, id_bits,
-    model_fingerprint, pack_ids, shard_name, shard_tensors, template_fingerprint, token_dtype,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST, check_compatible, decode_logprobs, encode_logprobs, encode_topk,
+    id_bits, model_fingerprint, pack_ids, shard_name, shard_tensors, template_fingerprint, token_dtype,
     tokenizer_fingerprint, unpack_ids, vocab_size_of, write_manifest, write_shard,
 )
 
