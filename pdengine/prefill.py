@@ -29,8 +29,10 @@ from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
 from pdengine.fingerprints import model_differences, tokenizer_differences
 from pdengine.locking import LOCK_NAME, DirectoryLock
-from pdengine.modeling import greedy_pack
 from pdengine.ops.teacher_topk import teacher_topk
+from pdengine.prefill_packing import (  # noqa: F401  (re-exported: the row layout is part of prefill's API)
+    build_row, common_prefix_length, count_tokens, make_groups, pack_rows,
+)
 from pdengine.prompts import DEFAULT_FORMAT, PromptFormat, build_example, check_context_length
 
 
@@ -115,92 +117,6 @@ def build_examples(tokenizer, documents, qa_pairs, fmt=DEFAULT_FORMAT, *, studen
 
 
 # ---------------------------------------------------------------------------------------
-# Packing: groups (a prefix + its suffixes) into rows of at most batch_tokens
-
-
-def common_prefix_length(seqs) -> int:
-    """Length of the longest common token prefix of seqs."""
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for other in seqs[1:]:
-        n = next((i for i in range(n) if other[i] != first[i]), n)
-    return n
-
-
-def _prefix_length(examples) -> int:
-    # The shared prefix stops before the first answer-predicting position of every item
-    # (position answer_start - 1), so each item's predictions all lie in its own suffix.
-    lcp = common_prefix_length([ex["teacher_input_ids"] for ex in examples])
-    return max(0, min([lcp] + [ex["answer_start_teacher"] - 1 for ex in examples]))
-
-
-def _suffix_length(ex, prefix_len) -> int:
-    # The last token predicts nothing, so it is not run.
-    return len(ex["teacher_input_ids"]) - 1 - prefix_len
-
-
-def make_groups(examples, batch_tokens: int, share_prefix: bool = True) -> list[dict]:
-    """Split examples into groups {prefix_len, items} that each fit in batch_tokens.
-
-    With share_prefix, a document's items form one group (split when too long for one
-    row); without it every item is its own group (one forward per QA pair).
-    """
-    by_doc: dict[str, list[dict]] = {}
-    for ex in examples:
-        by_doc.setdefault(ex["doc_id"] if share_prefix else ex["qa_index"], []).append(ex)
-    groups = []
-    for members in by_doc.values():
-        prefix_len = _prefix_length(members)
-        sizes = [_suffix_length(ex, prefix_len) for ex in members]
-        for part in greedy_pack(sizes, batch_tokens, overhead=prefix_len):
-            groups.append(_group([members[i] for i in part]))
-    return groups
-
-
-def _group(items) -> dict:
-    # A split-off part of a document recomputes its own (possibly longer) common prefix.
-    return {"prefix_len": _prefix_length(items), "items": items}
-
-
-def _group_tokens(group) -> int:
-    return group["prefix_len"] + sum(_suffix_length(ex, group["prefix_len"]) for ex in group["items"])
-
-
-def pack_rows(groups, batch_tokens: int) -> list[list[dict]]:
-    """Consecutive groups packed greedily into rows of at most batch_tokens tokens
-    (a single group longer than that gets a row of its own)."""
-    parts = greedy_pack([_group_tokens(group) for group in groups], batch_tokens)
-    return [[groups[i] for i in part] for part in parts]
-
-
-def build_row(groups) -> dict:
-    """One packed row: input_ids/position_ids [1, T], the block mask, and for every item the
-    row positions whose hidden states predict its answer tokens."""
-    ids, positions, segments, parent, targets = [], [], [], [], []
-    for group in groups:
-        p = group["prefix_len"]
-        prefix_segment = len(parent)
-        parent.append(-1)
-        first = group["items"][0]["teacher_input_ids"]
-        ids += first[:p]
-        positions += range(p)
-        segments += [prefix_segment] * p
-        for ex in group["items"]:
-            seq, n_suffix = ex["teacher_input_ids"], _suffix_length(ex, p)
-            start = len(ids)
-            segments += [len(parent)] * n_suffix
-            parent.append(prefix_segment)
-            ids += seq[p: p + n_suffix]
-            positions += range(p, p + n_suffix)
-            first_target = start + ex["answer_start_teacher"] - 1 - p
-            targets += range(first_target, first_target + len(seq) - ex["answer_start_teacher"])
-    segment_ids = torch.tensor(segments, dtype=torch.int64)
-    return {"input_ids": torch.tensor([ids], dtype=torch.int64),
-            "position_ids": torch.tensor([positions], dtype=torch.int64),
-            "attention_mask": modeling.segment_attention_mask(segment_ids, parent=parent),
-            "targets": torch.tensor(targets, dtype=torch.int64)}
-
-
-# ---------------------------------------------------------------------------------------
 # The teacher forward
 
 
@@ -219,11 +135,6 @@ def teacher_rows(model, groups, *, k: int, temperature: float):
     selected = hidden[0].index_select(0, row["targets"].to(device))
     weight = _lm_head_weight(model)
     return teacher_topk(selected.to(weight.dtype), weight, k, temperature, modeling.final_logit_softcap(model))
-
-
-def count_tokens(examples, batch_tokens: int, share_prefix: bool = True) -> int:
-    """Tokens the teacher processes for these examples (for benchmarks and logs)."""
-    return sum(_group_tokens(g) for g in make_groups(examples, batch_tokens, share_prefix))
 
 
 # ---------------------------------------------------------------------------------------
