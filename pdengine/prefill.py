@@ -5,8 +5,9 @@ share a prefix (system prompt + document); it is encoded once, and every QA suff
 document attends to it through a block attention mask
 (`modeling.segment_attention_mask` with the suffix segments as children of the prefix
 segment) with position ids that continue from the end of the prefix. Several documents
-are packed into one row of at most `batch_tokens` tokens. Only the hidden states that
-predict answer tokens go through the lm_head, inside the fused `teacher_topk` op.
+are packed into one row of at most `batch_tokens` tokens (the layout: `pdengine.prefill_packing`).
+Only the hidden states that predict answer tokens go through the lm_head, inside the
+fused `teacher_topk` op.
 
 Durability: items are written in input order in shards of `shard_size` QA pairs; each
 shard and then the manifest are replaced atomically, so a killed prefill resumes after
