@@ -1,4 +1,4 @@
-"""Teacher and student prompts (DESIGN.md section 5).
+"""Teacher and student prompts (docs/DESIGN.md, "Method"), and the context-length check.
 
 Teacher prompt = chat template(system, user: document + separator + question).
 Student prompt = chat template(system, user: question).
