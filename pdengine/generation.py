@@ -164,8 +164,23 @@ def _check_sampling(temperature, top_k) -> None:
         raise InputError(f"top_k must be None or a non-negative integer, got {top_k!r}")
 
 
+@dataclass(frozen=True)
+class Generated:
+    """One continuation: its new token ids (no stop token, no padding) and whether it
+    ended on a stop token (False: `max_new_tokens` cut it off)."""
+
+    ids: list[int]
+    stopped: bool
+
+
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], **kwargs) -> list[list[int]]:
+    """Continue each prompt; returns the new token ids, cut at the first end of turn.
+    Keyword arguments as `generate_sequences`."""
+    return [g.ids for g in generate_sequences(model, tokenizer, prompt_ids, **kwargs)]
+
+
 @torch.no_grad()
-def generate_ids(
+def generate_sequences(
     model,
     tokenizer,
     prompt_ids: list[list[int]],
@@ -177,23 +192,24 @@ def generate_ids(
     seed: int = 0,
     desc: str = "generate",
     progress: bool = True,
-) -> list[list[int]]:
-    """Continue each prompt; returns the new token ids, cut at the first end of turn.
+) -> list[Generated]:
+    """Continue each prompt; returns one `Generated` per prompt, in the input order.
 
-    temperature 0 = greedy. Prompts are sorted by length before batching (less padding)
-    and results come back in the input order. Batch b is sampled under seed `seed + b`,
-    so the output is a function of (prompts, seed, batch_size).
+    temperature 0 = greedy. Prompts are sorted by length before batching (less padding).
+    Batch b is sampled under seed `seed + b`, so the output is a function of (prompts,
+    seed, batch_size).
     """
     check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size)
     _check_sampling(temperature, top_k)
     if any(len(p) == 0 for p in prompt_ids):
         raise InputError("prompt_ids: every prompt needs at least one token")
     stop = stop_ids(model, tokenizer)
+    stop_set = set(stop)
     config = _generation_config(tokenizer, stop, temperature=temperature, top_k=top_k,
                                 max_new_tokens=max_new_tokens)
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    results: list[list[int]] = [[] for _ in prompt_ids]
+    results: list[Generated] = [Generated([], False) for _ in prompt_ids]
     with progress_bar(len(order), desc, progress) as bar:
         for b, start in enumerate(range(0, len(order), batch_size)):
             rows = order[start:start + batch_size]
@@ -201,7 +217,7 @@ def generate_ids(
             with seeded(seed + b, device):
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row, new in zip(rows, out[:, ids.shape[1]:].cpu().tolist()):
-                results[row] = cut_at_stop(new, set(stop), tokenizer)
+                results[row] = Generated(cut_at_stop(new, stop_set, tokenizer), any(t in stop_set for t in new))
             bar.update(len(rows))
     return results
 

@@ -137,6 +137,8 @@ class AnswerConfig(ModelStageSettings):
     temperature: float = setting(1.5, "sampling temperature (0 = greedy)", check=NON_NEGATIVE)
     top_k: int | None = setting(0, "sample among the k most likely tokens (0 = no top-k)", check=NON_NEGATIVE)
     max_new_tokens: int = setting(256, "tokens per answer at most", check=POSITIVE)
+    keep_truncated: bool = setting(False, "keep answers cut off by max_new_tokens (dropped by default: "
+                                          "trained on, they teach the student to stop mid-answer)")
     seed: int = setting(0, "sampling seed")
 
 
@@ -250,22 +252,27 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
             raise InputError(f"{where}: 'question' must be a non-empty string")
         pairs.extend([(str(doc["id"]), doc["text"], q["question"])] * cfg.n_answers)
     prompt_list = [prompts.teacher_prompt_ids(tokenizer, text, q, fmt) for _, text, q in pairs]
-    outputs = generation.generate_ids(
+    outputs = generation.generate_sequences(
         model, tokenizer, prompt_list, temperature=cfg.temperature, top_k=cfg.top_k or None,
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, desc="answers",
         progress=cfg.progress,
     )
-    rows = [{"doc_id": d, "question": q, "answer": decode(tokenizer, ids), "answer_ids": ids}
-            for (d, _, q), ids in zip(pairs, outputs)]
-    return _drop_empty(rows)
+    rows = [{"doc_id": d, "question": q, "answer": decode(tokenizer, out.ids), "answer_ids": out.ids}
+            for (d, _, q), out in zip(pairs, outputs)]
+    return _drop_unusable(rows, [out.stopped for out in outputs], cfg)
 
 
-def _drop_empty(rows: list[dict]) -> list[dict]:
-    """Answers with no token or only blank text, dropped and counted (never trained on)."""
-    kept = [r for r in rows if r["answer_ids"] and r["answer"].strip()]
-    if len(kept) < len(rows):
-        print(f"answer: dropped {len(rows) - len(kept)} of {len(rows)} answers that were empty", file=sys.stderr)
-    return kept
+def _drop_unusable(rows: list[dict], stopped: list[bool], cfg: AnswerConfig) -> list[dict]:
+    """Empty answers (no token, or blank text) and, unless `keep_truncated`, answers cut off
+    by max_new_tokens: dropped and counted on stderr, so they are never trained on."""
+    empty = [not (r["answer_ids"] and r["answer"].strip()) for r in rows]
+    truncated = [not s and not e for s, e in zip(stopped, empty)]
+    drop = [e or (t and not cfg.keep_truncated) for e, t in zip(empty, truncated)]
+    if any(empty) or any(truncated):
+        kept = " (kept: keep_truncated)" if cfg.keep_truncated and any(truncated) else ""
+        print(f"answer: {sum(empty)} of {len(rows)} answers empty, {sum(truncated)} cut off at max_new_tokens="
+              f"{cfg.max_new_tokens}{kept}; dropped {sum(drop)}", file=sys.stderr)
+    return [r for r, d in zip(rows, drop) if not d]
 
 
 # ---------------------------------------------------------------- CLI
@@ -317,7 +324,8 @@ def run_answer(args) -> int:
     model, tokenizer = generation.load_model(args.model, cfg, args.device)
     rows = answer_questions(model, tokenizer, documents, questions, cfg, fmt=PromptFormat(system=args.system))
     if not rows:
-        raise InputError("every answer was empty; check --max-new-tokens, the template or the model")
+        raise InputError("no usable answer (all empty or cut off at --max-new-tokens); check --max-new-tokens, "
+                         "the template or the model")
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
     return 0

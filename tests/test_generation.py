@@ -87,3 +87,16 @@ def test_resolve_settings_applies_overrides_and_checks_them():
         generation.resolve_settings(generation.ModelStageSettings, None, {"batch": 1})
     with pytest.raises(TypeError, match="settings must be a ModelStageSettings"):
         generation.resolve_settings(generation.ModelStageSettings, {"batch_size": 1}, {})
+
+
+def test_each_continuation_says_whether_it_reached_a_stop_token(monkeypatch):
+    model, tok = qa_model(), qa_tokenizer()  # stop token: <eos> = 1, pad = 0
+    new = torch.tensor([[5, 1, 0], [5, 6, 7], [1, 0, 0]])
+    monkeypatch.setattr(model, "generate", lambda input_ids, **k: torch.cat([input_ids, new[: len(input_ids)]], 1))
+    out = generation.generate_sequences(model, tok, [[3], [4], [3, 4]], max_new_tokens=3, batch_size=3,
+                                        progress=False)
+    # prompts are batched shortest first: [3], [4], [3, 4] get rows 0, 1, 2
+    assert out == [generation.Generated([5], True), generation.Generated([5, 6, 7], False),
+                   generation.Generated([], True)]
+    assert generation.generate_ids(model, tok, [[3], [4], [3, 4]], max_new_tokens=3, batch_size=3,
+                                   progress=False) == [[5], [5, 6, 7], []]

@@ -117,7 +117,7 @@ def test_generate_questions_custom_prompt_and_errors():
 def test_answer_questions_structure_ids_and_determinism():
     model, tok = tiny_model(), tiny_tokenizer()
     questions = [{"doc_id": "d1", "question": "where is Ada ?"}, {"doc_id": "d2", "question": "who is Bo ?"}]
-    kwargs = dict(n_answers=2, max_new_tokens=6, batch_size=3, seed=3, progress=False)
+    kwargs = dict(n_answers=2, max_new_tokens=6, batch_size=3, seed=3, keep_truncated=True, progress=False)
     rows = qa.answer_questions(model, tok, DOCS, questions, **kwargs)
     assert rows == qa.answer_questions(model, tok, DOCS, questions, **kwargs)
     assert [(r["doc_id"], r["question"]) for r in rows] == [
@@ -135,9 +135,9 @@ def test_answers_follow_the_teacher_prompt(monkeypatch):
 
     def fake_generate(model, tokenizer, prompt_ids, **kwargs):
         seen.extend(prompt_ids)
-        return [[9, 10] for _ in prompt_ids]
+        return [generation.Generated([9, 10], True) for _ in prompt_ids]
 
-    monkeypatch.setattr(generation, "generate_ids", fake_generate)
+    monkeypatch.setattr(generation, "generate_sequences", fake_generate)
     tok = tiny_tokenizer()
     rows = qa.answer_questions(None, tok, DOCS, [{"doc_id": "d2", "question": "who is Bo ?"}], progress=False)
     assert seen == [prompts.teacher_prompt_ids(tok, DOCS[1]["text"], "who is Bo ?")]
@@ -146,7 +146,8 @@ def test_answers_follow_the_teacher_prompt(monkeypatch):
 
 def test_integer_document_ids_are_strings_everywhere(monkeypatch):
     docs = [{"id": 1, "text": "Ada lives in Oslo ."}]
-    monkeypatch.setattr(generation, "generate_ids", lambda m, tok, p, **k: [[9, 10] for _ in p])
+    monkeypatch.setattr(generation, "generate_sequences",
+                        lambda m, tok, p, **k: [generation.Generated([9, 10], True) for _ in p])
     rows = qa.answer_questions(None, tiny_tokenizer(), docs, [{"doc_id": "1", "question": "who ?"}], progress=False)
     assert rows[0]["doc_id"] == "1"
     with pytest.raises(InputError, match="duplicate document id '1'"):
@@ -167,13 +168,20 @@ def test_fewer_questions_than_asked_is_one_warning_with_counts(monkeypatch, caps
                      "raise --max-calls or check the prompt"]
 
 
-def test_empty_answers_are_dropped_and_counted(monkeypatch, capsys):
-    monkeypatch.setattr(generation, "generate_ids", lambda m, tok, p, **k: [[], [9, 10], [6]][:len(p)])
-    questions = [{"doc_id": "d1", "question": q} for q in ("who is Ada ?", "where is Ada ?", "what is Ada ?")]
-    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, progress=False)
-    # [] has no token; [6] decodes to the blank "\n": both dropped, never trained on
-    assert [r["question"] for r in rows] == ["where is Ada ?"]
-    assert "answer: dropped 2 of 3 answers that were empty" in capsys.readouterr().err
+def test_empty_and_truncated_answers_are_dropped_and_counted(monkeypatch, capsys):
+    outputs = [generation.Generated([], True), generation.Generated([9, 10], True), generation.Generated([6], True),
+               generation.Generated([23, 24], False)]
+    monkeypatch.setattr(generation, "generate_sequences", lambda m, tok, p, **k: outputs[:len(p)])
+    questions = [{"doc_id": "d1", "question": f"who is {w} ?"} for w in ("Ada", "Bo", "a", "the")]
+    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, progress=False)
+    # [] has no token, [6] decodes to the blank "\n", [23, 24] never reached end of turn: never trained on
+    assert [r["question"] for r in rows] == ["who is Bo ?"]
+    assert "answer: 2 of 4 answers empty, 1 cut off at max_new_tokens=2; dropped 3" in capsys.readouterr().err
+    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, keep_truncated=True,
+                               progress=False)
+    assert [r["question"] for r in rows] == ["who is Bo ?", "who is the ?"]
+    assert "(kept: keep_truncated); dropped 2" in capsys.readouterr().err
+
 
 
 # ---------------------------------------------------------------- settings
@@ -225,7 +233,7 @@ def test_answer_refuses_to_overwrite_without_force(files, capsys):
     out = tmp / "qa.jsonl"
     out.write_text("precious\n")
     argv = ["answer", *common, "--questions", str(tmp / "q.jsonl"), "--out", str(out), "--max-new-tokens", "3",
-            "--temperature", "0"]
+            "--temperature", "0", "--keep-truncated"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists already; pass --force" in err[0]
