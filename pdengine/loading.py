@@ -45,6 +45,7 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None):
     pickled weights (`pytorch_model.bin`) that torch's `weights_only` loader refuses: a
     pickle can run code, so it is never loaded unsafely.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -59,6 +60,9 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None):
         raise InputError(f"{path}: the pickled weights (pytorch_model.bin) hold objects that are not plain "
                          f"tensors, refused by torch.load(weights_only=True); convert the model to "
                          f"safetensors from a source you trust") from None
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise InputError(f"{path}: unreadable safetensors weights ({_first_line(e)}); "
+                         f"the file is truncated or corrupt") from None
     except (OSError, KeyError, ValueError) as e:
         raise InputError(f"cannot load a causal LM from {path}: {_first_line(e)}") from None
     return model.to(device).eval(), tokenizer

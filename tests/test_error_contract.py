@@ -109,3 +109,14 @@ def test_a_failed_demo_gate_is_one_line_on_stderr_and_exit_1(tmp_path, monkeypat
 def test_bad_demo_settings_are_input_errors(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--documents", "99"]) == 2
     assert "n_documents must be in 1..30" in _one_line(capsys)
+
+
+def test_truncated_model_weights_are_one_line(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": "ada", "text": "Ada lives in Oslo ."}])
+    write_jsonl(tmp_path / "qa.jsonl", QA[:1])
+    capsys.readouterr()
+    assert cli.main(_prefill_args(model, tmp_path)) == 2
+    assert "unreadable safetensors weights" in _one_line(capsys)
