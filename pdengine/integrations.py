@@ -110,3 +110,14 @@ class DistillationTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """`train(resume_from_checkpoint=...)` from a checkpoint `_save` wrote: the adapter
+        back into the model's LoRA layers (optimizer and scheduler: the Trainer's own)."""
+        from pdengine.lora import load_adapter, lora_modules
+
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not lora_modules(target):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter(target, resume_from_checkpoint)
+        return None

@@ -55,6 +55,14 @@ def test_trainer_checkpoints_and_save_model_write_peft_adapters(tmp_path, items)
         assert torch.equal(value, trained[name]), name
 
 
+def test_trainer_resumes_from_its_adapter_checkpoint(tmp_path, items):
+    model, trainer = _trainer(tmp_path / "hf", items, save_strategy="steps", save_steps=1, max_steps=2)
+    trainer.train()
+    resumed, again = _trainer(tmp_path / "hf", items, save_strategy="steps", save_steps=1, max_steps=3)
+    out = again.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
+    assert out.global_step == 3 and (tmp_path / "hf" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+
+
 def test_train_given_a_peft_model_says_how_to_convert(tmp_path, items):
     peft = pytest.importorskip("peft")
     import pdengine

@@ -1,7 +1,7 @@
 """The packed student batch: one packer for the trainer's examples and the teacher cache.
 
-A batch lays its sequences end to end in one row (docs/ARCHITECTURE.md, "packed student
-batch"; docs/DESIGN.md, "Training"): positions restart at 0 for every sequence,
+A batch lays its sequences end to end in one row (docs/ARCHITECTURE.md, "Teacher cache", the
+batch table; docs/DESIGN.md, "Training"): positions restart at 0 for every sequence,
 `segment_ids` say which sequence a token belongs to (the block mask keeps sequences
 apart) and `target_positions` are the tokens whose next-token distribution is trained,
 the ones just before each answer token. `pack_sequences` builds that layout;
