@@ -73,6 +73,15 @@ def test_cli_non_finite_loss_exits_1_with_one_line(tmp_path, capsys):
     assert "Traceback" not in captured.err
 
 
+def test_cli_non_finite_loss_keeps_its_traceback_with_pdengine_debug(tmp_path, monkeypatch):
+    from pdengine.train import TrainingError
+
+    make_cache(tmp_path)
+    monkeypatch.setenv("PDENGINE_DEBUG", "1")
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        main(["train", *_common(tmp_path), "--lr", "1e30", "--max-grad-norm", "0", "--warmup-ratio", "0"])
+
+
 def test_cli_mixes_a_replay_cache_where_the_student_reads_the_document(tmp_path):
     from pdengine.prefill import prefill
 

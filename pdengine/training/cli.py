@@ -8,6 +8,7 @@ extend, `--save-every`, `--no-progress` and the like are allowed).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def run(args) -> int:
     """`pdengine train`: load the model and cache, train, print the summary (stdout, JSON).
 
     Bad input raises InputError (the CLI prints it on stderr, exit 2); a non-finite loss
-    is one line on stderr and exit 1."""
+    is one line on stderr and exit 1 (its traceback with PDENGINE_DEBUG=1)."""
     from pdengine.cache import TeacherCache
     from pdengine.loading import load_model_and_tokenizer
 
@@ -79,7 +80,9 @@ def run(args) -> int:
         replay = TeacherCache(paths["replay_cache"], model=model, tokenizer=tokenizer, temperature=temperature)
     try:
         metrics = train(model, tokenizer, cache, out, config, replay_cache=replay, resume=args.resume)
-    except TrainingError as e:
+    except TrainingError as e:  # the run itself went wrong, not its input: exit 1
+        if os.environ.get("PDENGINE_DEBUG") == "1":
+            raise
         print(f"pdengine train: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(metrics, indent=2))
