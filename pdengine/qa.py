@@ -137,7 +137,7 @@ class AnswerConfig(ModelStageSettings):
     temperature: float = setting(1.5, "sampling temperature (0 = greedy)", check=NON_NEGATIVE)
     top_k: int | None = setting(0, "sample among the k most likely tokens (0 = no top-k)", check=NON_NEGATIVE)
     max_new_tokens: int = setting(256, "tokens per answer at most", check=POSITIVE)
-    keep_truncated: bool = setting(False, "keep answers cut off by max_new_tokens (dropped by default: "
+    drop_truncated: bool = setting(False, "drop answers cut off by max_new_tokens (always counted on stderr; "
                                           "trained on, they teach the student to stop mid-answer)")
     seed: int = setting(0, "sampling seed")
 
@@ -263,15 +263,15 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
 
 
 def _drop_unusable(rows: list[dict], stopped: list[bool], cfg: AnswerConfig) -> list[dict]:
-    """Empty answers (no token, or blank text) and, unless `keep_truncated`, answers cut off
-    by max_new_tokens: dropped and counted on stderr, so they are never trained on."""
+    """Empty answers (no token, or blank text) are dropped, so they are never trained on;
+    answers cut off by max_new_tokens are counted, and dropped with `drop_truncated`."""
     empty = [not (r["answer_ids"] and r["answer"].strip()) for r in rows]
     truncated = [not s and not e for s, e in zip(stopped, empty)]
-    drop = [e or (t and not cfg.keep_truncated) for e, t in zip(empty, truncated)]
+    drop = [e or (t and cfg.drop_truncated) for e, t in zip(empty, truncated)]
     if any(empty) or any(truncated):
-        kept = " (kept: keep_truncated)" if cfg.keep_truncated and any(truncated) else ""
+        hint = "" if cfg.drop_truncated or not any(truncated) else " (kept: raise max_new_tokens or drop_truncated)"
         print(f"answer: {sum(empty)} of {len(rows)} answers empty, {sum(truncated)} cut off at max_new_tokens="
-              f"{cfg.max_new_tokens}{kept}; dropped {sum(drop)}", file=sys.stderr)
+              f"{cfg.max_new_tokens}{hint}; dropped {sum(drop)}", file=sys.stderr)
     return [r for r, d in zip(rows, drop) if not d]
 
 

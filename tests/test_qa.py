@@ -117,7 +117,7 @@ def test_generate_questions_custom_prompt_and_errors():
 def test_answer_questions_structure_ids_and_determinism():
     model, tok = tiny_model(), tiny_tokenizer()
     questions = [{"doc_id": "d1", "question": "where is Ada ?"}, {"doc_id": "d2", "question": "who is Bo ?"}]
-    kwargs = dict(n_answers=2, max_new_tokens=6, batch_size=3, seed=3, keep_truncated=True, progress=False)
+    kwargs = dict(n_answers=2, max_new_tokens=6, batch_size=3, seed=3, progress=False)
     rows = qa.answer_questions(model, tok, DOCS, questions, **kwargs)
     assert rows == qa.answer_questions(model, tok, DOCS, questions, **kwargs)
     assert [(r["doc_id"], r["question"]) for r in rows] == [
@@ -173,14 +173,15 @@ def test_empty_and_truncated_answers_are_dropped_and_counted(monkeypatch, capsys
                generation.Generated([23, 24], False)]
     monkeypatch.setattr(generation, "generate_sequences", lambda m, tok, p, **k: outputs[:len(p)])
     questions = [{"doc_id": "d1", "question": f"who is {w} ?"} for w in ("Ada", "Bo", "a", "the")]
-    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, progress=False)
+    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, drop_truncated=True,
+                               progress=False)
     # [] has no token, [6] decodes to the blank "\n", [23, 24] never reached end of turn: never trained on
     assert [r["question"] for r in rows] == ["who is Bo ?"]
     assert "answer: 2 of 4 answers empty, 1 cut off at max_new_tokens=2; dropped 3" in capsys.readouterr().err
-    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, keep_truncated=True,
-                               progress=False)
-    assert [r["question"] for r in rows] == ["who is Bo ?", "who is the ?"]
-    assert "(kept: keep_truncated); dropped 2" in capsys.readouterr().err
+    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, progress=False)
+    assert [r["question"] for r in rows] == ["who is Bo ?", "who is the ?"]  # empty ones always dropped
+    assert "1 cut off at max_new_tokens=2 (kept: raise max_new_tokens or drop_truncated); dropped 2" in \
+        capsys.readouterr().err
 
 
 
@@ -233,7 +234,7 @@ def test_answer_refuses_to_overwrite_without_force(files, capsys):
     out = tmp / "qa.jsonl"
     out.write_text("precious\n")
     argv = ["answer", *common, "--questions", str(tmp / "q.jsonl"), "--out", str(out), "--max-new-tokens", "3",
-            "--temperature", "0", "--keep-truncated"]
+            "--temperature", "0"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists already; pass --force" in err[0]
