@@ -78,7 +78,7 @@ def test_another_safetensors_file_is_not_a_checkpoint(tmp_path, items):
 def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path, items):
     train(tiny_model(), None, items, tmp_path, config(max_steps=2))
     stale = [tmp_path / "checkpoints" / ".step-0000004.safetensors.abc123.tmp", tmp_path / ".run.json.x1.tmp",
-             tmp_path / ".metrics.jsonl.q9.tmp"]
+             tmp_path / ".metrics.jsonl.q9.tmp", tmp_path / "adapter" / ".adapter_model.safetensors.z.tmp"]
     for path in stale:
         path.write_bytes(b"half a file")
     train(tiny_model(), None, items, tmp_path, config(max_steps=3), resume=True)

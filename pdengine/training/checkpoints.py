@@ -55,9 +55,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def remove_stale_temp_files(out: Path) -> list[Path]:
-    """Temp files of atomic writes killed half-way (`.step-*.tmp`, `.metrics.jsonl.*.tmp`, ...).
+    """Temp files of atomic writes killed half-way (`.step-*.tmp`, `.run.json.*.tmp`, the adapter's).
     Safe only under the directory's lock: no other writer can own them."""
-    stale = [*checkpoint_dir(out).glob(".step-*.tmp"), *Path(out).glob(".*.tmp")]
+    stale = [*checkpoint_dir(out).glob(".step-*.tmp"), *Path(out).glob(".*.tmp"),
+             *(Path(out) / "adapter").glob(".*.tmp")]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
