@@ -113,3 +113,10 @@ def test_temperature_must_match_the_caches(tmp_path):
     model, tok, cache = make_cache(tmp_path)
     with pytest.raises(InputError, match=f"temperature: cache {TEMPERATURE}, given 1.0"):
         train(model, tok, cache, tmp_path / "run", config(temperature=1.0))
+
+
+def test_a_replay_cache_with_fraction_0_is_not_part_of_the_run(tmp_path, items):
+    replay = [{"input_ids": [5, 6, 7, 8], "answer_start": 2}]
+    train(tiny_model(), None, items, tmp_path, config(max_steps=1), replay_cache=replay)
+    assert json.loads((tmp_path / "run.json").read_text())["replay_cache"] is None
+    assert train(tiny_model(), None, items, tmp_path, config(max_steps=2), resume=True)["steps"] == 2

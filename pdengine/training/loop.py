@@ -230,6 +230,8 @@ def _sources(model, tokenizer, cache, replay_cache, config: TrainConfig):
     replay = as_source(replay_cache, "replay_cache")
     if config.replay_fraction > 0 and replay is None:
         raise InputError("replay_fraction > 0 needs replay_cache (a TeacherCache or a list of examples)")
+    if config.replay_fraction == 0:
+        replay = None  # unused: neither trained on nor part of the run's identity
     temperature = config.temperature if config.loss == "pd" else None
     for source in (cache, replay):
         if source is not None:
