@@ -36,8 +36,11 @@ def prepare_model(model, config: TrainConfig) -> dict:
 
         torch.manual_seed(mix_seed(config.seed, 0x10A))  # LoRA init depends on the seed only
         targets = list(config.lora_targets) + (["embed_tokens"] if config.lora_embeddings else [])
-        add_lora(model, config.lora_r, config.lora_alpha, dropout=config.lora_dropout,
-                 target_modules=targets, lm_head=config.lora_lm_head, rslora=config.rslora)
+        try:
+            add_lora(model, config.lora_r, config.lora_alpha, dropout=config.lora_dropout,
+                     target_modules=targets, lm_head=config.lora_lm_head, rslora=config.rslora)
+        except ValueError as e:  # add_lora checks its arguments (targets that match nothing, ...)
+            raise InputError(f"lora settings: {e}") from None
     named = {}
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
