@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdengine import config as C
-from pdengine import generation, prompts
+from pdengine import generation, input_checks, prompts
 from pdengine.config import Check, POSITIVE, setting
 from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
@@ -88,13 +88,17 @@ def _check_questions(questions, need_answer: bool = False) -> None:
                 raise InputError(f"questions[{i}]: {e}") from None
 
 
-def check_eval_inputs(documents, questions) -> dict[str, dict]:
-    """The documents index, once every evaluation question is well formed and its
-    document is among the documents."""
+def check_eval_inputs(documents, questions, tokenizer=None) -> dict[str, dict]:
+    """The documents index, once every evaluation question is well formed and its document
+    is among the documents (the open-book teacher needs it; a question without it is an
+    error, not a warning, so every method answers the same questions and their paired
+    differences stay paired). With a tokenizer, warns on a high share of `<unk>` tokens."""
     docs = index_documents(documents)
     _check_questions(questions, need_answer=True)
     for i, q in enumerate(questions):
         document_of(docs, q, f"questions[{i}]")
+    if tokenizer is not None:
+        input_checks.check_unknown_tokens(tokenizer, docs, questions, stage="eval")
     return docs
 
 
@@ -198,7 +202,7 @@ def evaluate(model, tokenizer, documents, questions: list[dict], settings: EvalC
     or pd_rag; a method with several seeds has a list of answers and its mean scores).
     """
     cfg = generation.resolve_settings(EvalConfig, settings, overrides)
-    docs = check_eval_inputs(documents, questions)
+    docs = check_eval_inputs(documents, questions, tokenizer)
     students = {name: list(s) if isinstance(s, (list, tuple)) else [s] for name, s in (students or {}).items()}
     methods = set(cfg.methods)
     if "pd_rag" in methods and PD_STUDENT not in students:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdengine import config as C
-from pdengine import generation, prompts
+from pdengine import generation, input_checks, prompts
 from pdengine.config import NON_NEGATIVE, POSITIVE, setting
 from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
@@ -137,8 +137,8 @@ class AnswerConfig(ModelStageSettings):
     temperature: float = setting(1.5, "sampling temperature (0 = greedy)", check=NON_NEGATIVE)
     top_k: int | None = setting(0, "sample among the k most likely tokens (0 = no top-k)", check=NON_NEGATIVE)
     max_new_tokens: int = setting(256, "tokens per answer at most", check=POSITIVE)
-    drop_truncated: bool = setting(False, "drop answers cut off by max_new_tokens (always counted on stderr; "
-                                          "trained on, they teach the student to stop mid-answer)")
+    keep_truncated: bool = setting(True, "keep answers cut off by max_new_tokens (counted on stderr either way; "
+                                         "--no-keep-truncated drops them: they teach the student to stop mid-answer)")
     seed: int = setting(0, "sampling seed")
 
 
@@ -182,6 +182,7 @@ def generate_questions(model, tokenizer, documents: list[dict], settings: Genera
     """
     cfg = generation.resolve_settings(GenerateConfig, settings, overrides)
     docs = index_documents(documents)
+    input_checks.check_unknown_tokens(tokenizer, docs, stage="generate")
     max_calls = cfg.max_calls or 4 * math.ceil(cfg.n_questions / cfg.per_call)
     prompt = question_prompt_text(cfg.prompt)
     found = {doc_id: _QuestionSet(cfg.n_questions) for doc_id in docs}
@@ -201,8 +202,10 @@ def generate_questions(model, tokenizer, documents: list[dict], settings: Genera
         for doc_id, ids in zip(plan, outputs):
             for question in parse_questions(decode(tokenizer, ids), require_question_mark=cfg.require_question_mark):
                 found[doc_id].add(question)
-    _warn_shortfall(found, cfg.n_questions)
-    return [{"doc_id": d, "question": q} for d, qs in found.items() for q in qs.questions]
+    rows = [{"doc_id": d, "question": q} for d, qs in found.items() for q in qs.questions]
+    input_checks.check_questions_per_document(docs, rows, cfg.n_questions, stage="generate")
+    input_checks.check_near_duplicates(rows, stage="generate")
+    return rows
 
 
 def _plan_calls(found, calls, per_call, max_calls) -> list[str]:
@@ -215,17 +218,6 @@ def _plan_calls(found, calls, per_call, max_calls) -> list[str]:
         calls[doc_id] += max(n, 0)
         plan.extend([doc_id] * max(n, 0))
     return plan
-
-
-def _warn_shortfall(found: dict, n_questions: int) -> None:
-    """One line on stderr when documents got fewer questions than asked (issue: silent
-    shortfalls left documents barely covered)."""
-    short = [qs for qs in found.values() if not qs.full]
-    if short:
-        written = sum(len(qs.questions) for qs in found.values())
-        print(f"generate: warning: {len(short)} of {len(found)} documents got fewer than {n_questions} questions "
-              f"({written} of {n_questions * len(found)} written); raise --max-calls or check the prompt",
-              file=sys.stderr)
 
 
 # ---------------------------------------------------------------- answers
@@ -251,28 +243,19 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise InputError(f"{where}: 'question' must be a non-empty string")
         pairs.extend([(str(doc["id"]), doc["text"], q["question"])] * cfg.n_answers)
+    input_checks.check_unknown_tokens(tokenizer, docs, questions, stage="answer")
     prompt_list = [prompts.teacher_prompt_ids(tokenizer, text, q, fmt) for _, text, q in pairs]
     outputs = generation.generate_sequences(
         model, tokenizer, prompt_list, temperature=cfg.temperature, top_k=cfg.top_k or None,
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, desc="answers",
         progress=cfg.progress,
     )
-    rows = [{"doc_id": d, "question": q, "answer": decode(tokenizer, out.ids), "answer_ids": out.ids}
-            for (d, _, q), out in zip(pairs, outputs)]
-    return _drop_unusable(rows, [out.stopped for out in outputs], cfg)
-
-
-def _drop_unusable(rows: list[dict], stopped: list[bool], cfg: AnswerConfig) -> list[dict]:
-    """Empty answers (no token, or blank text) are dropped, so they are never trained on;
-    answers cut off by max_new_tokens are counted, and dropped with `drop_truncated`."""
-    empty = [not (r["answer_ids"] and r["answer"].strip()) for r in rows]
-    truncated = [not s and not e for s, e in zip(stopped, empty)]
-    drop = [e or (t and cfg.drop_truncated) for e, t in zip(empty, truncated)]
-    if any(empty) or any(truncated):
-        hint = "" if cfg.drop_truncated or not any(truncated) else " (kept: raise max_new_tokens or drop_truncated)"
-        print(f"answer: {sum(empty)} of {len(rows)} answers empty, {sum(truncated)} cut off at max_new_tokens="
-              f"{cfg.max_new_tokens}{hint}; dropped {sum(drop)}", file=sys.stderr)
-    return [r for r, d in zip(rows, drop) if not d]
+    rows = [{"doc_id": d, "question": q, "answer": decode(tokenizer, out.ids), "answer_ids": out.ids,
+             "truncated": not out.stopped} for (d, _, q), out in zip(pairs, outputs)]
+    # empty answers are always dropped (never trained on); cut-off ones unless keep_truncated
+    kept = input_checks.check_answers(rows, max_new_tokens=cfg.max_new_tokens, keep_truncated=cfg.keep_truncated,
+                                      stage="answer").kept
+    return [{k: v for k, v in r.items() if k != "truncated"} for r in kept]
 
 
 # ---------------------------------------------------------------- CLI
@@ -323,9 +306,6 @@ def run_answer(args) -> int:
         document_of(docs, q, f"{args.questions}: questions[{i}]")
     model, tokenizer = generation.load_model(args.model, cfg, args.device)
     rows = answer_questions(model, tokenizer, documents, questions, cfg, fmt=PromptFormat(system=args.system))
-    if not rows:
-        raise InputError("no usable answer (all empty or cut off at --max-new-tokens); check --max-new-tokens, "
-                         "the template or the model")
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
     return 0

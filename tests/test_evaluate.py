@@ -206,3 +206,13 @@ def test_several_training_seeds_of_one_student(monkeypatch):
     assert per_q[0]["answers"]["sft"] == ["Oslo", "Rome"] and per_q[0]["scores"]["sft"]["contains"] == 0.5
     assert [s["contains"] for s in per_q[1]["seed_scores"]["sft"]] == [0.0, 1.0]
     assert "seed_scores" not in per_q[0] or "base_closed_book" not in per_q[0]["seed_scores"]
+
+
+def test_unknown_tokens_are_counted_before_answering(monkeypatch, capsys):
+    monkeypatch.setattr(generation, "greedy_texts", lambda model, tok, p, **k: ["Oslo"] * len(p))
+    docs = [{"id": "d1", "text": "Ada lives in Oslo . Ada works as zookeeper ."}, DOCS[1]]
+    ev.evaluate("base", tiny_tokenizer(), docs, QUESTIONS, methods=("closed_book",), progress=False)
+    assert "eval: warning: 1 of 15 tokens (6.7 %) of the documents are '<unk>'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="the model cannot read this text"):
+        ev.evaluate("base", tiny_tokenizer(), [{"id": "d1", "text": "zebra " * 7 + "Ada"}, DOCS[1]], QUESTIONS,
+                    methods=("closed_book",), progress=False)

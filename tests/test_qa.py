@@ -164,8 +164,15 @@ def test_fewer_questions_than_asked_is_one_warning_with_counts(monkeypatch, caps
                                  progress=False)
     assert len(rows) == 2
     lines = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
-    assert lines == ["generate: warning: 2 of 2 documents got fewer than 4 questions (2 of 8 written); "
-                     "raise --max-calls or check the prompt"]
+    assert lines == ["generate: warning: 2 of 2 documents have fewer than 4 questions (2 of 8; fewest 1)"]
+
+
+def test_near_duplicate_questions_are_counted(monkeypatch, capsys):
+    monkeypatch.setattr(generation, "generate_ids", lambda m, tok, p, **k: [
+        tok("1. who is Ada in Oslo ? 2. who is Ada in the Oslo ?").input_ids for _ in p])
+    rows = qa.generate_questions(None, tiny_tokenizer(), DOCS[:1], n_questions=2, per_call=2, progress=False)
+    assert len(rows) == 2  # both kept: a warning, not a drop
+    assert "generate: warning: 1 of 2 questions repeat another of their document" in capsys.readouterr().err
 
 
 def test_empty_and_truncated_answers_are_dropped_and_counted(monkeypatch, capsys):
@@ -173,16 +180,17 @@ def test_empty_and_truncated_answers_are_dropped_and_counted(monkeypatch, capsys
                generation.Generated([23, 24], False)]
     monkeypatch.setattr(generation, "generate_sequences", lambda m, tok, p, **k: outputs[:len(p)])
     questions = [{"doc_id": "d1", "question": f"who is {w} ?"} for w in ("Ada", "Bo", "a", "the")]
-    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, drop_truncated=True,
+    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=5, keep_truncated=False,
                                progress=False)
     # [] has no token, [6] decodes to the blank "\n", [23, 24] never reached end of turn: never trained on
-    assert [r["question"] for r in rows] == ["who is Bo ?"]
-    assert "answer: 2 of 4 answers empty, 1 cut off at max_new_tokens=2; dropped 3" in capsys.readouterr().err
-    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=2, progress=False)
+    assert [r["question"] for r in rows] == ["who is Bo ?"] and "truncated" not in rows[0]
+    assert "answer: warning: 2 of 4 answers empty, 1 cut off at max_new_tokens=5; dropped 3" in capsys.readouterr().err
+    rows = qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, max_new_tokens=5, progress=False)
     assert [r["question"] for r in rows] == ["who is Bo ?", "who is the ?"]  # empty ones always dropped
-    assert "1 cut off at max_new_tokens=2 (kept: raise max_new_tokens or drop_truncated); dropped 2" in \
-        capsys.readouterr().err
-
+    assert "1 cut off at max_new_tokens=5 (kept: keep_truncated); dropped 2" in capsys.readouterr().err
+    monkeypatch.setattr(generation, "generate_sequences", lambda m, tok, p, **k: [outputs[0]] * len(p))
+    with pytest.raises(InputError, match="all 4 answers are empty or cut off"):
+        qa.answer_questions(None, tiny_tokenizer(), DOCS, questions, progress=False)
 
 
 # ---------------------------------------------------------------- settings
