@@ -32,8 +32,9 @@ from pdengine.fingerprints import model_differences, tokenizer_differences
 from pdengine.locking import LOCK_NAME, DirectoryLock
 from pdengine.ops.teacher_topk import teacher_topk
 from pdengine.prefill_packing import (  # noqa: F401  (re-exported: the row layout is part of prefill's API)
-    build_row, common_prefix_length, count_tokens, make_groups, pack_rows,
+    PATHS, build_row, common_prefix_length, count_tokens, make_groups, pack_rows,
 )
+from pdengine.prefix_kv import group_answer_hidden
 from pdengine.prompts import DEFAULT_FORMAT, PromptFormat, build_example, check_context_length
 
 
@@ -49,6 +50,10 @@ class PrefillConfig:
     system: str | None = setting(None, "system prompt of teacher and student prompts")
     student_sees_document: bool = setting(False, "replay cache: the student sequence is the teacher sequence")
     share_prefix: bool = setting(True, "encode each document once for all its QA pairs")
+    teacher_attention: str = setting("auto", "how a document's QA pairs attend to it: mask (block-mask rows), "
+                                     "prefix_kv (the prefix's KV cache), auto (mask when the document fits one "
+                                     "row, else prefix_kv; always prefix_kv for sliding-window models)",
+                                     choices=PATHS)
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
@@ -125,17 +130,37 @@ def _lm_head_weight(model) -> torch.Tensor:
     return modeling.output_layer(model).weight
 
 
+def _topk(model, hidden, *, k: int, temperature: float):
+    weight = _lm_head_weight(model)
+    return teacher_topk(hidden.to(weight.dtype), weight, k, temperature, modeling.final_logit_softcap(model))
+
+
 @torch.inference_mode()
 def teacher_rows(model, groups, *, k: int, temperature: float):
     """Top-k (ids, logprobs) `[A, k]` for all answer tokens of `groups`' items, in item
-    order, with one forward per packed row."""
+    order, with one block-mask forward per packed row."""
     device = _lm_head_weight(model).device
     row = build_row(groups)
     hidden = modeling.hidden_states(model, row["input_ids"].to(device), row["position_ids"].to(device),
                                     row["attention_mask"].to(device))
-    selected = hidden[0].index_select(0, row["targets"].to(device))
-    weight = _lm_head_weight(model)
-    return teacher_topk(selected.to(weight.dtype), weight, k, temperature, modeling.final_logit_softcap(model))
+    return _topk(model, hidden[0].index_select(0, row["targets"].to(device)), k=k, temperature=temperature)
+
+
+@torch.inference_mode()
+def teacher_prefix_kv(model, group, *, k: int, temperature: float, batch_tokens: int):
+    """Top-k (ids, logprobs) `[A, k]` for a prefix-KV group: its prefix encoded once with causal
+    attention, its suffixes attending to the cached keys and values (no `[T, T]` mask)."""
+    return _topk(model, group_answer_hidden(model, group, batch_tokens), k=k, temperature=temperature)
+
+
+def teacher_path(model, requested: str) -> str:
+    """The path `auto` means for this model: sliding-window attention needs the model's own
+    cache (a block mask would override its window), so such models always take prefix_kv."""
+    if requested == "auto" and getattr(model.config, "sliding_window", None):
+        layer_types = getattr(model.config, "layer_types", None) or ["sliding_attention"]
+        if "sliding_attention" in layer_types and getattr(model.config, "use_sliding_window", True):
+            return "prefix_kv"
+    return requested
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,6 +190,7 @@ def _new_manifest(model, tokenizer, fmt, examples, settings: PrefillConfig):
         "k": settings.k,
         "temperature": float(settings.temperature),
         "softcap": modeling.final_logit_softcap(model),
+        "teacher_attention": teacher_path(model, settings.teacher_attention),
         "student_sees_document": bool(settings.student_sees_document),
         "shard_size": settings.shard_size,
         "total_items": len(examples),
@@ -250,7 +276,8 @@ _D = PrefillConfig  # the defaults below are PrefillConfig's, written once there
 
 def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=_D.k, temperature=_D.temperature,
             fmt=DEFAULT_FORMAT, batch_tokens=_D.batch_tokens, shard_size=_D.shard_size, resume=True,
-            progress=_D.progress, student_sees_document=_D.student_sees_document, share_prefix=_D.share_prefix):
+            progress=_D.progress, student_sees_document=_D.student_sees_document, share_prefix=_D.share_prefix,
+            teacher_attention=_D.teacher_attention):
     """Run the teacher over every QA pair and write its top-k log-probs to a cache.
 
     Args:
@@ -270,6 +297,8 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=_D.k, temperatu
             sequence (document included).
         share_prefix: encode each document once for all its QA pairs (False: one forward
             per QA pair; same numbers, for benchmarks and tests).
+        teacher_attention: "auto", "mask" or "prefix_kv": how the QA pairs attend to their
+            document (see PrefillConfig; docs/DESIGN.md, "Attention paths").
 
     Returns the TeacherCache. Bad input raises `pdengine.errors.InputError`.
     """
@@ -277,7 +306,7 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=_D.k, temperatu
         raise InputError(f"fmt must be a pdengine.prompts.PromptFormat, got {type(fmt).__name__}")
     settings = PrefillConfig(k=k, temperature=temperature, batch_tokens=batch_tokens, shard_size=shard_size,
                              system=fmt.system, student_sees_document=student_sees_document,
-                             share_prefix=share_prefix, progress=progress)
+                             share_prefix=share_prefix, teacher_attention=teacher_attention, progress=progress)
     out_dir = Path(out_dir)
     vocab = cache_format.vocab_size_of(model)
     if k > vocab:
@@ -308,7 +337,7 @@ def _fill_shards(model, examples, out_dir, manifest, settings: PrefillConfig):
     for s in range(done, n_shards):
         chunk = examples[s * shard_size: (s + 1) * shard_size]
         tensors = _shard_of(model, chunk, manifest, batch_tokens=settings.batch_tokens,
-                            share_prefix=settings.share_prefix)
+                            share_prefix=settings.share_prefix, path=teacher_path(model, settings.teacher_attention))
         manifest["shards"].append(cache_format.write_shard(out_dir, s, tensors))
         manifest["complete"] = s == n_shards - 1
         cache_format.write_manifest(out_dir, manifest)
@@ -319,18 +348,16 @@ def _fill_shards(model, examples, out_dir, manifest, settings: PrefillConfig):
         cache_format.write_manifest(out_dir, manifest)
 
 
-def _shard_of(model, chunk, manifest, *, batch_tokens, share_prefix) -> dict:
+def _shard_of(model, chunk, manifest, *, batch_tokens, share_prefix, path) -> dict:
     """Run the teacher over one shard's examples; the shard's tensors."""
-    groups = make_groups(chunk, batch_tokens, share_prefix)
+    groups = make_groups(chunk, batch_tokens, share_prefix, path)
+    k, temperature = manifest["k"], manifest["temperature"]
     results, prefixes, items = {}, [], []
-    for row in pack_rows(groups, batch_tokens):
-        ids, logprobs = teacher_rows(model, row, k=manifest["k"], temperature=manifest["temperature"])
-        offset = 0
-        for group in row:
-            for ex in group["items"]:
-                n = len(ex["teacher_input_ids"]) - ex["answer_start_teacher"]
-                results[ex["qa_index"]] = (ids[offset: offset + n], logprobs[offset: offset + n])
-                offset += n
+    for row in pack_rows([g for g in groups if not g["prefix_kv"]], batch_tokens):
+        _collect(results, row, *teacher_rows(model, row, k=k, temperature=temperature))
+    for group in (g for g in groups if g["prefix_kv"]):
+        _collect(results, [group], *teacher_prefix_kv(model, group, k=k, temperature=temperature,
+                                                      batch_tokens=batch_tokens))
     for group in groups:
         prefixes.append(group["items"][0]["teacher_input_ids"][: group["prefix_len"]])
         items += [{**ex, "prefix": len(prefixes) - 1} for ex in group["items"]]
@@ -339,6 +366,16 @@ def _shard_of(model, chunk, manifest, *, batch_tokens, share_prefix) -> dict:
     topk_logprobs = torch.cat([results[it["qa_index"]][1] for it in items])
     return cache_format.shard_tensors(items, prefixes, topk_ids, topk_logprobs, bits=manifest["id_bits"],
                                       student_sees_document=manifest["student_sees_document"])
+
+
+def _collect(results: dict, groups, ids, logprobs) -> None:
+    """Split a forward's `[A, k]` top-k back into its items' answers, keyed by qa_index."""
+    offset = 0
+    for group in groups:
+        for ex in group["items"]:
+            n = len(ex["teacher_input_ids"]) - ex["answer_start_teacher"]
+            results[ex["qa_index"]] = (ids[offset: offset + n], logprobs[offset: offset + n])
+            offset += n
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,7 +408,8 @@ def run(args) -> int:
     cache = prefill(model, tokenizer, documents, qa_pairs, args.out, k=settings.k, temperature=settings.temperature,
                     fmt=PromptFormat(system=settings.system), batch_tokens=settings.batch_tokens,
                     shard_size=settings.shard_size, resume=not args.force, progress=settings.progress,
-                    student_sees_document=settings.student_sees_document, share_prefix=settings.share_prefix)
+                    student_sees_document=settings.student_sees_document, share_prefix=settings.share_prefix,
+                    teacher_attention=settings.teacher_attention)
     counts = cache.manifest["counts"]
     print(f"teacher cache {args.out}: {counts['items']} QA pairs, {counts['answer_tokens']} answer tokens, "
           f"{counts['bytes']} bytes ({counts['bytes_per_answer_token']:.1f} B/answer token)")

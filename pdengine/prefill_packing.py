@@ -30,11 +30,18 @@ def _suffix_length(ex, prefix_len) -> int:
     return len(ex["teacher_input_ids"]) - 1 - prefix_len
 
 
-def make_groups(examples, batch_tokens: int, share_prefix: bool = True) -> list[dict]:
-    """Split examples into groups {prefix_len, items} that each fit in batch_tokens.
+PATHS = ("auto", "mask", "prefix_kv")
 
-    With share_prefix, a document's items form one group (split when too long for one
-    row); without it every item is its own group (one forward per QA pair).
+
+def make_groups(examples, batch_tokens: int, share_prefix: bool = True, path: str = "auto") -> list[dict]:
+    """Split examples into groups {prefix_len, items, prefix_kv}.
+
+    With share_prefix a document's items form one group. How the teacher runs it (`path`):
+    "mask": block-mask rows, the document split into several groups (each re-encoding its
+    prefix) when it does not fit one row of batch_tokens; "prefix_kv": the whole document is
+    one group whose prefix is encoded once and kept as a KV cache (pdengine/prefix_kv.py);
+    "auto": block-mask rows for documents that fit one row (measured faster for short ones),
+    the prefix KV cache for longer ones. Without share_prefix every item is its own group.
     """
     by_doc: dict[str, list[dict]] = {}
     for ex in examples:
@@ -43,6 +50,10 @@ def make_groups(examples, batch_tokens: int, share_prefix: bool = True) -> list[
     for members in by_doc.values():
         prefix_len = _prefix_length(members)
         sizes = [_suffix_length(ex, prefix_len) for ex in members]
+        fits_one_row = prefix_len + sum(sizes) <= batch_tokens
+        if share_prefix and (path == "prefix_kv" or (path == "auto" and not fits_one_row)):
+            groups.append({**_group(members), "prefix_kv": True})
+            continue
         for part in greedy_pack(sizes, batch_tokens, overhead=prefix_len):
             groups.append(_group([members[i] for i in part]))
     return groups
@@ -50,7 +61,7 @@ def make_groups(examples, batch_tokens: int, share_prefix: bool = True) -> list[
 
 def _group(items) -> dict:
     # A split-off part of a document recomputes its own (possibly longer) common prefix.
-    return {"prefix_len": _prefix_length(items), "items": items}
+    return {"prefix_len": _prefix_length(items), "items": items, "prefix_kv": False}
 
 
 def _group_tokens(group) -> int:
@@ -58,8 +69,10 @@ def _group_tokens(group) -> int:
 
 
 def pack_rows(groups, batch_tokens: int) -> list[list[dict]]:
-    """Consecutive groups packed greedily into rows of at most batch_tokens tokens
-    (a single group longer than that gets a row of its own)."""
+    """Consecutive block-mask groups packed greedily into rows of at most batch_tokens tokens
+    (a single group longer than that gets a row of its own). Prefix-KV groups run alone."""
+    if any(g.get("prefix_kv") for g in groups):
+        raise ValueError("prefix-KV groups are not packed into block-mask rows")
     parts = greedy_pack([_group_tokens(group) for group in groups], batch_tokens)
     return [[groups[i] for i in part] for part in parts]
 
@@ -92,6 +105,6 @@ def build_row(groups) -> dict:
             "targets": torch.tensor(targets, dtype=torch.int64)}
 
 
-def count_tokens(examples, batch_tokens: int, share_prefix: bool = True) -> int:
+def count_tokens(examples, batch_tokens: int, share_prefix: bool = True, path: str = "auto") -> int:
     """Tokens the teacher processes for these examples (for benchmarks and logs)."""
-    return sum(_group_tokens(g) for g in make_groups(examples, batch_tokens, share_prefix))
+    return sum(_group_tokens(g) for g in make_groups(examples, batch_tokens, share_prefix, path))

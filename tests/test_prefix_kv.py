@@ -73,3 +73,34 @@ def test_chunks_respect_the_budget_with_the_prefix_counted():
     assert suffix_chunks([3, 9, 3], prefix_len=10, batch_tokens=30) == [[0], [1], [2]]
     assert suffix_chunks([5], prefix_len=100, batch_tokens=8) == [[0]]  # at least one suffix
     assert suffix_chunks([2, 2, 2], prefix_len=0, batch_tokens=6) == [[0, 1, 2]]
+
+
+# ------------------------------------------------------------------ through prefill
+
+
+def _cache_rows(cache):
+    return [(cache[i]["topk_ids"], cache[i]["topk_logprobs"]) for i in range(len(cache))]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefill_paths_agree_and_auto_takes_prefix_kv_for_long_documents(family, tmp_path):
+    from helpers import DOCUMENTS, QA, tiny_model_and_tokenizer
+
+    from pdengine.prefill import build_examples, make_groups, prefill
+
+    model, tok = tiny_model_and_tokenizer(family)
+    examples = build_examples(tok, DOCUMENTS, QA)
+    small = max(len(ex["teacher_input_ids"]) for ex in examples)  # "ada" (3 pairs) no longer fits one row
+    groups = make_groups(examples, small, path="auto")
+    assert [g["prefix_kv"] for g in groups] == [True, False]  # ada by its KV cache, bob in a block-mask row
+    assert not any(g["prefix_kv"] for g in make_groups(examples, 4096, path="auto"))
+    caches = {path: prefill(model, tok, DOCUMENTS, QA, tmp_path / path, k=8, progress=False, batch_tokens=small,
+                            teacher_attention=path) for path in ("mask", "prefix_kv", "auto")}
+    assert caches["auto"].manifest["teacher_attention"] == "auto"
+    for (ids_m, lp_m), (ids_k, lp_k) in zip(_cache_rows(caches["mask"]), _cache_rows(caches["prefix_kv"])):
+        span = lp_m[:, :1] - lp_m[:, -1:]
+        assert (lp_m - lp_k).abs().le(span / 250 + 1e-4).all()  # the cache's uint8 log-prob encoding
+        assert (ids_m == ids_k).float().mean() > 0.95  # ids may differ only at ties
+    for i, (ids, lp) in enumerate(_cache_rows(caches["auto"])):  # each document took the path auto chose for it
+        ids_w, lp_w = _cache_rows(caches["prefix_kv" if QA[i]["doc_id"] == "ada" else "mask"])[i]
+        assert torch.equal(ids, ids_w) and torch.equal(lp, lp_w)
