@@ -216,3 +216,29 @@ def test_unknown_tokens_are_counted_before_answering(monkeypatch, capsys):
     with pytest.raises(InputError, match="the model cannot read this text"):
         ev.evaluate("base", tiny_tokenizer(), [{"id": "d1", "text": "zebra " * 7 + "Ada"}, DOCS[1]], QUESTIONS,
                     methods=("closed_book",), progress=False)
+
+
+def test_eval_cli_reports_several_seeds_of_one_adapter(eval_files):
+    import torch
+
+    import pdengine
+
+    tmp, argv = eval_files
+    adapters = []
+    for seed in (0, 1):
+        model = tiny_model()
+        pdengine.add_lora(model, r=2, alpha=4)
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.5)  # each "seed" answers differently
+        adapters += ["--adapter", f"prompt_distillation={pdengine.save_adapter(model, tmp / f'pd{seed}')}"]
+    assert cli.main([*argv, "--out", str(tmp / "r"), "--methods", "rag,pd_rag", *adapters]) == 0
+    report = json.loads((tmp / "r" / "report.json").read_text())
+    assert set(report["methods"]) == {"rag_bm25", "prompt_distillation", "pd_rag"}
+    pd = report["methods"]["prompt_distillation"]
+    assert pd["seeds"] == 2 and pd["f1"] == pytest.approx(sum(pd["per_seed"]["f1"]) / 2)
+    assert report["methods"]["pd_rag"]["seeds"] == 2 and "pd_rag-rag_bm25" in report["comparisons"]
+    assert report["adapters"]["prompt_distillation"] == [str(tmp / "pd0"), str(tmp / "pd1")]
+    row = json.loads((tmp / "r" / "answers.jsonl").read_text().splitlines()[0])
+    assert len(row["answers"]["prompt_distillation"]) == 2 and len(row["seed_scores"]["pd_rag"]) == 2
