@@ -1,6 +1,6 @@
 // Shared helpers of the pdengine C++ (ATen) CPU kernels: dtype policy, argument checks,
 // tile views, the deterministic "parallel over vocabulary tiles" driver, the online
-// log-sum-exp and the dropout hash. See DESIGN.md section 3 and docs/ARCHITECTURE.md.
+// log-sum-exp and the dropout hash. See docs/DESIGN.md, "Fused loss", and docs/ARCHITECTURE.md.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// Fused lm_head + top-k KL loss on the CPU (DESIGN.md section 3).
+// Fused lm_head + top-k KL loss on the CPU (docs/DESIGN.md, "Fused loss").
 //
 // Work is split into chunks of kChunkRows tokens; inside a chunk the vocabulary tiles are
 // spread over threads (each thread folds its tiles into its own partial state, reduced
@@ -220,7 +220,7 @@ Tensor full_lse(const LossInputs& in) {
   return lse;
 }
 
-// One token's top-k KL (DESIGN.md section 3) and its gradient with respect to z:
+// One token's top-k KL (docs/DESIGN.md, "Fused loss") and its gradient with respect to z:
 // dKL/dz_v = dense * q_v + sum_j corr[j] [v == ids_j]. `corr` may be null (forward only).
 double topk_kl_row(const double* z_ids, const double* lp, int64_t k, double lse, bool tail,
                    double* dense, double* corr) {

@@ -1,4 +1,4 @@
-// LoRA linear on the CPU (DESIGN.md section 4): y = x W^T + b + s * (dropout(x) A^T) B^T.
+// LoRA linear on the CPU (docs/DESIGN.md, "LoRA matmul"): y = x W^T + b + s * (dropout(x) A^T) B^T.
 // The dropout keep-mask is recomputed from (seed, flat index) wherever it is needed, as in
 // reference.dropout_keep_mask; no mask is ever stored. The GEMMs are ATen's (multithreaded).
 #include "common.h"

@@ -1,4 +1,4 @@
-// Teacher top-k on the CPU (DESIGN.md section 3, prefill side): per token, the k largest
+// Teacher top-k on the CPU (docs/DESIGN.md, "Teacher top-k"): per token, the k largest
 // z = softcap(h W^T) / tau and their log-probs z - lse, streaming over vocabulary tiles
 // (per-row min-heaps of size k plus an online log-sum-exp); the [N, V] logits never exist.
 #include "common.h"

@@ -1,6 +1,6 @@
 """Fused lm_head + top-k KL loss in Triton: the [N, V] logits never exist.
 
-Math: DESIGN.md section 3. Four kernels, all accumulating in fp32:
+Math: docs/DESIGN.md, "Fused loss". Four kernels, all accumulating in fp32:
 
 forward
   _lse_kernel        grid (token blocks, vocabulary splits): logit tiles h W^T +
@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdengine.kernels._math import dot, logit_tile
 from pdengine.kernels._math import tanh as _tanh
 
 # Same constant as pdengine.reference.TAIL_MASS_EPS (not imported: kernels stay free of
@@ -46,62 +47,55 @@ _TAIL_EPS = tl.constexpr(TAIL_MASS_EPS)  # jit code may only read constexpr glob
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# One fixed config per kernel. GPU: tiles sized for H100-class tensor cores. Interpreter:
-# larger vocabulary tiles and fewer programs, since each interpreted op costs the same
-# whatever its size.
+# One fixed config per kernel and input width. Interpreter: larger vocabulary tiles and
+# fewer programs, since each interpreted op costs the same whatever its size.
+#
+# GPU (sm_90): chosen from `pdengine bench kernels` (bench/kernels.py), the largest tiles
+# that compile with no register spill with every flag on (LoRA + soft-cap): the address
+# tensors of the gathered tiles cost as many registers as the fp32 accumulators, so
+# 128 x 128 tiles (the first choice, by tensor-core tile size) spilled 300 B - 1.8 KB per
+# thread in every tiled kernel. 16-bit inputs keep 128-wide vocabulary tiles where they
+# fit (lse, sweep, the dW-less backward) and 64 x 64 with dW (two accumulating GEMMs);
+# BLOCK_D 32 where the tile also carries an accumulator chunk. fp32 inputs take IEEE
+# products, which are FMA loops rather than tensor-core MMAs and need far more registers
+# per tile: quarter-size tiles. Two stages everywhere (three spilled). The dense
+# backward's atomic traffic is N d V (1/BLOCK_V for dh + 1/BLOCK_N for dW).
+# Not yet timed on a GPU: bench/gpu_suite.py measures them.
 if _INTERPRET:
-    _FWD = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1)
-    _BWD = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1)
-    _BWD_NO_WGRAD = _BWD
-    _SPARSE_BLOCK_D = 128
+    _CONFIGS = {
+        "fwd": dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1),
+        "bwd": dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1),
+    }
+    _CONFIGS.update(sweep=_CONFIGS["fwd"], bwd_no_wgrad=_CONFIGS["bwd"])
+    _CONFIGS_FP32 = _CONFIGS
+    _SPARSE = dict(BLOCK_D=128, num_warps=4)
 else:
-    _FWD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-    # The dense backward's atomic traffic is N d V (1/BLOCK_V for dh + 1/BLOCK_N for dW):
-    # square tiles with dW, wide vocabulary tiles without it (the LoRA-on-lm_head case).
-    _BWD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)
-    _BWD_NO_WGRAD = dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=2)
-    _SPARSE_BLOCK_D = 128
+    _CONFIGS = {
+        "fwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2),
+        "sweep": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2),
+        "bwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2),
+        "bwd_no_wgrad": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2),
+    }
+    _CONFIGS_FP32 = {
+        "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2),
+        "sweep": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+        "bwd": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+        "bwd_no_wgrad": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    }
+    # per-token kernels: [BLOCK_K, BLOCK_D] gathered rows of W (twice: ids and label);
+    # BLOCK_D 128 spilled 2-4 KB per thread, 32 none
+    _SPARSE = dict(BLOCK_D=32, num_warps=4)
+# LoRA rank chunk of the tiled kernels (64 spilled on sm_90)
+_MAX_BLOCK_R = 64 if _INTERPRET else 32
+
+
+def config(kind: str, dtype) -> dict:
+    """Block config of a tiled kernel ("fwd", "sweep", "bwd", "bwd_no_wgrad") for inputs
+    of `dtype` (the compute dtype: float64 inputs run as float32)."""
+    return (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS)[kind]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _logit_tile(
-    h_ptr, w_ptr, ha_ptr, b_ptr,
-    rows, cols, row_mask, col_mask,
-    D, R, stride_h, stride_w, stride_ha, stride_b,
-    HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Raw logits u[rows, cols] = h W^T (+ hA B^T) for one tile, fp32."""
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(w), acc)
-    if HAS_LORA:  # rank chunks: r can be 1024 (the paper's lm_head LoRA)
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rs < R
-            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
-                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
-                        mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(ha, tl.trans(b), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(ha, tl.trans(b), acc)
-    return acc
 
 
 @triton.jit
@@ -161,9 +155,9 @@ def _lse_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        u = _logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
-                        D, R, stride_h, stride_w, stride_ha, stride_b,
-                        HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        u = logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
+                       D, R, stride_h, stride_w, stride_ha, stride_b,
+                       HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
         z = _capped_scaled(u, softcap, inv_tau, SOFTCAP)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -175,7 +169,7 @@ def _lse_kernel(
 
 @triton.jit
 def _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL: tl.constexpr):
-    """Per-token KL and the dense coefficient / id corrections of dKL/dz (DESIGN 3).
+    """Per-token KL and the dense coefficient / id corrections of dKL/dz (docs/DESIGN.md, "Fused loss").
 
     Returns (kl, c, corr[BLOCK_K]) with dKL/dz_v = c q_v + sum_j corr_j [v == id_j].
     """
@@ -254,13 +248,17 @@ def _softcap_grad(u, softcap, SOFTCAP: tl.constexpr):
 @triton.jit
 def _sparse_bwd_kernel(
     grad_ptr, h_ptr, w_ptr, ha_ptr, b_ptr, ids_ptr, lp_ptr, labels_ptr, lse_ptr,
-    coef_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr,
+    coef_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr, loss_ptr, sum_ptr,
     D, R, K, stride_h, stride_w, stride_ha, stride_b, stride_ids, stride_lp,
     inv_tau, softcap, ce_weight, ignore_index,
     HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, TAIL: tl.constexpr,
     HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """The sparse part of G for one token (see the module docstring). SINGLE_PASS: also the
+    token's loss, and dh / (G B) rows already hold the sweep's unnormalised dense sums
+    (sum_v exp(z_v - m) softcap'(u_v) W_v), which become coef / s times themselves."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
@@ -271,7 +269,7 @@ def _sparse_bwd_kernel(
                        HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
     lse = tl.load(lse_ptr + row)
     logq = _capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse
-    _kl, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
+    loss, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
     g = tl.load(grad_ptr + row).to(tl.float32) * inv_tau  # dL/du = dL/dz / tau
     # The CE label is one more sparse entry: slot 0 of a second BLOCK_K-wide vector
     # (masked elsewhere), so every tile stays a power of two.
@@ -292,26 +290,35 @@ def _sparse_bwd_kernel(
                                  D, R, stride_h, stride_w, stride_ha, stride_b,
                                  HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
             y_val = tl.where(y_mask, -ce_weight * g * _softcap_grad(u_y, softcap, SOFTCAP), 0.0)
+            z_y = tl.sum(tl.where(y_mask, _capped_scaled(u_y, softcap, inv_tau, SOFTCAP), 0.0), axis=0)
+            loss += ce_weight * (lse - z_y)
+        loss = tl.where(counted, loss, 0.0)
+    if SINGLE_PASS:
+        tl.store(loss_ptr + row, loss)
+        dense_scale = g * c / tl.load(sum_ptr + row)
+    else:
+        dense_scale = 0.0
     tl.store(coef_ptr + row, g * c)
     k_val = tl.where(k_mask, g * corr * _softcap_grad(u, softcap, SOFTCAP), 0.0)
     _scatter_sparse(h_ptr, w_ptr, ha_ptr, b_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr, row64,
-                    ids.to(tl.int64), k_val, k_mask, y_ids.to(tl.int64), y_val, y_mask,
+                    ids.to(tl.int64), k_val, k_mask, y_ids.to(tl.int64), y_val, y_mask, dense_scale,
                     D, R, stride_h, stride_w, stride_ha, stride_b,
-                    HAS_LORA, WEIGHT_GRAD, BLOCK_K, BLOCK_D, BLOCK_R)
+                    HAS_LORA, WEIGHT_GRAD, SINGLE_PASS, BLOCK_K, BLOCK_D, BLOCK_R)
 
 
 @triton.jit
 def _scatter_sparse(
     h_ptr, w_ptr, ha_ptr, b_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr, row64,
-    ids, k_val, k_mask, y_ids, y_val, y_mask,
+    ids, k_val, k_mask, y_ids, y_val, y_mask, dense_scale,
     D, R, stride_h, stride_w, stride_ha, stride_b,
-    HAS_LORA: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+    HAS_LORA: tl.constexpr, WEIGHT_GRAD: tl.constexpr, DENSE_IN: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Sparse part of G (values at the ids and the label) into dh, (G B), dW, dB.
 
-    dh [N, d] and (G B) [N, r] rows belong to this program (plain stores, the dense
-    kernel adds to them later); dW and dB rows are shared between tokens (atomics).
+    dh [N, d] and (G B) [N, r] rows belong to this program (plain stores; DENSE_IN: they
+    hold the dense part already, scaled here by dense_scale; otherwise the dense kernel adds
+    it later); dW and dB rows are shared between tokens (atomics).
     """
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
@@ -321,6 +328,8 @@ def _scatter_sparse(
         wy = tl.load(w_ptr + y_ids[:, None] * stride_w + ds[None, :],
                      mask=y_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         dh = tl.sum(k_val[:, None] * wk, axis=0) + tl.sum(y_val[:, None] * wy, axis=0)
+        if DENSE_IN:
+            dh += dense_scale * tl.load(dh_ptr + row64 * D + ds, mask=d_mask, other=0.0)
         tl.store(dh_ptr + row64 * D + ds, dh, mask=d_mask)
         if WEIGHT_GRAD:
             h = tl.load(h_ptr + row64 * stride_h + ds, mask=d_mask, other=0.0).to(tl.float32)
@@ -337,6 +346,8 @@ def _scatter_sparse(
             by = tl.load(b_ptr + y_ids[:, None] * stride_b + rs[None, :],
                          mask=y_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             gb = tl.sum(k_val[:, None] * bk, axis=0) + tl.sum(y_val[:, None] * by, axis=0)
+            if DENSE_IN:
+                gb += dense_scale * tl.load(gb_ptr + row64 * R + rs, mask=r_mask, other=0.0)
             tl.store(gb_ptr + row64 * R + rs, gb, mask=r_mask)
             ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0).to(tl.float32)
             tl.atomic_add(db_ptr + ids[:, None] * R + rs[None, :], k_val[:, None] * ha[None, :],
@@ -351,18 +362,20 @@ def _dense_bwd_kernel(
     N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
     inv_tau, softcap,
     HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    WEIGHT_GRAD: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, HIDDEN_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """The dense part of G for one (token block, vocabulary block) tile. HIDDEN_GRAD off (the
+    single pass, whose sweep made dh and (G B) already): only dW and dB."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    u = _logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
-                    D, R, stride_h, stride_w, stride_ha, stride_b,
-                    HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+    u = logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
+                   D, R, stride_h, stride_w, stride_ha, stride_b,
+                   HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
     q = tl.exp(_capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse[:, None])
@@ -373,21 +386,16 @@ def _dense_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
-        w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        if IEEE:
-            dh = tl.dot(g_in, w, input_precision="ieee")
-        else:
-            dh = tl.dot(g_in, w)
-        tl.atomic_add(dh_ptr + rows64[:, None] * D + ds[None, :], dh,
-                      mask=row_mask[:, None] & d_mask[None, :])
+        if HIDDEN_GRAD:
+            w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
+                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            dh = dot(g_in, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), IEEE)
+            tl.atomic_add(dh_ptr + rows64[:, None] * D + ds[None, :], dh,
+                          mask=row_mask[:, None] & d_mask[None, :])
         if WEIGHT_GRAD:
             h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            if IEEE:
-                dw = tl.dot(g_in_t, h, input_precision="ieee")
-            else:
-                dw = tl.dot(g_in_t, h)
+            dw = dot(g_in_t, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE)
             tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
                           mask=col_mask[:, None] & d_mask[None, :])
     if HAS_LORA:
@@ -398,16 +406,74 @@ def _dense_bwd_kernel(
                         mask=col_mask[:, None] & r_mask[None, :], other=0.0)
             ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
                          mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            if IEEE:
-                gb = tl.dot(g_in, b, input_precision="ieee")
-                db = tl.dot(g_in_t, ha, input_precision="ieee")
-            else:
-                gb = tl.dot(g_in, b)
-                db = tl.dot(g_in_t, ha)
-            tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
-                          mask=row_mask[:, None] & r_mask[None, :])
+            if HIDDEN_GRAD:
+                gb = dot(g_in, b, tl.zeros((BLOCK_N, BLOCK_R), tl.float32), IEEE)
+                tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
+                              mask=row_mask[:, None] & r_mask[None, :])
+            db = dot(g_in_t, ha, tl.zeros((BLOCK_V, BLOCK_R), tl.float32), IEEE)
             tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
                           mask=col_mask[:, None] & r_mask[None, :])
+
+
+# ------------------------------------------------------------------------ single pass
+
+
+@triton.jit
+def _sweep_kernel(
+    h_ptr, w_ptr, ha_ptr, b_ptr, max_ptr, sum_ptr, dh_ptr, gb_ptr,
+    N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
+    inv_tau, softcap,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One sweep over the vocabulary for a token block: the online (max m, sum s) of
+    exp(z) and, flash-attention style, the unnormalised dense hidden gradient
+    acc = sum_v exp(z_v - m) softcap'(u_v) W_v (and the same sum over B rows for LoRA),
+    rescaled by exp(m_old - m_new) whenever the running max grows. acc lives in the
+    program's own rows of dh [N, d] / (G B) [N, r] (fp32, zero on entry): a [BLOCK_N, d]
+    accumulator is far beyond registers for d = 4096. The sparse kernel then turns it into
+    coef / s * acc plus the sparse part, once lse = m + log s is final.
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        cols64 = cols.to(tl.int64)
+        u = logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
+                       D, R, stride_h, stride_w, stride_ha, stride_b,
+                       HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        z = tl.where(col_mask[None, :], _capped_scaled(u, softcap, inv_tau, SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf), where acc is 0 anyway
+        p = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(p, axis=1)
+        m = m_new
+        gp = (p * _softcap_grad(u, softcap, SOFTCAP)).to(w_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
+                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            acc_ptrs = dh_ptr + rows64[:, None] * D + ds[None, :]
+            acc_mask = row_mask[:, None] & d_mask[None, :]
+            acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0) * alpha[:, None]
+            tl.store(acc_ptrs, dot(gp, w, acc, IEEE), mask=acc_mask)
+        if HAS_LORA:
+            for r0 in range(0, R, BLOCK_R):
+                rs = r0 + tl.arange(0, BLOCK_R)
+                r_mask = rs < R
+                b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
+                            mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+                acc_ptrs = gb_ptr + rows64[:, None] * R + rs[None, :]
+                acc_mask = row_mask[:, None] & r_mask[None, :]
+                acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0) * alpha[:, None]
+                tl.store(acc_ptrs, dot(gp, b, acc, IEEE), mask=acc_mask)
+    tl.store(max_ptr + rows, m, mask=row_mask)
+    tl.store(sum_ptr + rows, s, mask=row_mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -436,7 +502,7 @@ def _common(h, w, ha, b, teacher_ids, temperature, softcap):
     flags = dict(
         HAS_LORA=ha is not None,
         SOFTCAP=softcap > 0,
-        BLOCK_R=min(_pow2(r), 64),
+        BLOCK_R=min(_pow2(r), _MAX_BLOCK_R),
     )
     dummy = h  # never read when the matching flag is off
     strides = (h.stride(0), w.stride(0), 0 if ha is None else ha.stride(0), 0 if b is None else b.stride(0))
@@ -454,7 +520,7 @@ def _vocab_splits(n_row_blocks: int, n_vocab_tiles: int, device) -> int:
 
 
 def _launch_lse(ptrs, strides, scalars, flags, n, v, d, r, ieee):
-    cfg = _FWD
+    cfg = config("fwd", ptrs[0].dtype)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     tiles = triton.cdiv(v, cfg["BLOCK_V"])
     splits = _vocab_splits(row_blocks, tiles, ptrs[0].device)
@@ -488,8 +554,45 @@ def linear_topk_kl(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs
         *ptrs, ids, lp, lab, lse, loss, d, r, k, *strides, ids.stride(0), lp.stride(0),
         scalars["inv_tau"], scalars["softcap"], float(ce_weight), int(ignore_index),
         TAIL=bool(tail), HAS_LABELS=labels is not None, HAS_CE=labels is not None and ce_weight != 0,
-        BLOCK_K=_pow2(k), BLOCK_D=_SPARSE_BLOCK_D, **flags)
+        BLOCK_K=_pow2(k), **_SPARSE, **flags)
     return loss, lse
+
+
+def _grad_buffers(n, d, v, r, has_lora, needs_weight_grad, device, zero_dh):
+    """fp32 gradient buffers dh [N, d], dW [V, d] (empty without it), (G B) [N, r], dB [V, r]
+    (dh stands in for the LoRA pair without LoRA: never read then)."""
+    f32 = torch.float32
+    dh = (torch.zeros if zero_dh else torch.empty)(n, d, device=device, dtype=f32)
+    dw = torch.zeros(v, d, device=device, dtype=f32) if needs_weight_grad else torch.empty(0, device=device, dtype=f32)
+    gb = torch.zeros(n, r, device=device, dtype=f32) if has_lora else dh
+    db = torch.zeros(v, r, device=device, dtype=f32) if has_lora else dh
+    return dh, dw, gb, db
+
+
+def _launch_sparse_bwd(grad, ptrs, ids, lp, labels, lse, coef, bufs, loss, sums, n, d, r, k,
+                       strides, scalars, flags, tail, ce_weight, ignore_index, needs_weight_grad):
+    """The per-token sparse kernel; `loss` and `sums` given: the single pass's variant."""
+    dh, dw, gb, db = bufs
+    single = loss is not None
+    _sparse_bwd_kernel[(n,)](
+        grad.contiguous(), *ptrs, ids, lp, labels if labels is not None else ids, lse, coef,
+        dh, gb, dw if needs_weight_grad else dh, db, loss if single else coef, sums if single else coef,
+        d, r, k, *strides, ids.stride(0), lp.stride(0),
+        scalars["inv_tau"], scalars["softcap"], float(ce_weight), int(ignore_index),
+        TAIL=bool(tail), HAS_LABELS=labels is not None,
+        HAS_CE=labels is not None and ce_weight != 0, WEIGHT_GRAD=bool(needs_weight_grad),
+        SINGLE_PASS=single, BLOCK_K=_pow2(k), **_SPARSE, **flags)
+
+
+def _launch_dense_bwd(ptrs, lse, coef, bufs, n, v, d, r, strides, scalars, flags, ieee,
+                      needs_weight_grad, hidden_grad):
+    dh, dw, gb, db = bufs
+    cfg = config("bwd" if needs_weight_grad else "bwd_no_wgrad", ptrs[0].dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+    _dense_bwd_kernel[grid](
+        *ptrs, lse, coef, dh, gb, dw if needs_weight_grad else dh, db, n, v, d, r, *strides,
+        scalars["inv_tau"], scalars["softcap"], IEEE=ieee,
+        WEIGHT_GRAD=bool(needs_weight_grad), HIDDEN_GRAD=hidden_grad, **flags, **cfg)
 
 
 def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
@@ -502,48 +605,49 @@ def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_i
     lp = teacher_logprobs.contiguous()
     n, d, k, r, flags, strides, ptrs, scalars = _common(h, w, ha, b, ids, temperature, softcap)
     v = w.shape[0]
-    dev = h.device
-    f32 = torch.float32
-    dh = torch.empty(n, d, device=dev, dtype=f32)  # every row written by the sparse kernel
-    dw = torch.zeros(v, d, device=dev, dtype=f32) if needs_weight_grad else torch.empty(0, device=dev, dtype=f32)
-    gb = torch.zeros(n, r, device=dev, dtype=f32) if ha is not None else dh
-    db = torch.zeros(v, r, device=dev, dtype=f32) if ha is not None else dh
-    coef = torch.empty(n, device=dev, dtype=f32)
+    # every dh row is written (not added to) by the sparse kernel: no zeroing needed
+    bufs = _grad_buffers(n, d, v, r, ha is not None, needs_weight_grad, h.device, zero_dh=False)
     if n > 0:
-        lab = labels.contiguous() if labels is not None else ids
-        grad = grad_loss.contiguous()
+        coef = torch.empty(n, device=h.device, dtype=torch.float32)
         lse = lse.contiguous()
-        dw_arg = dw if needs_weight_grad else dh
-        _sparse_bwd_kernel[(n,)](
-            grad, *ptrs, ids, lp, lab, lse, coef, dh, gb, dw_arg, db,
-            d, r, k, *strides, ids.stride(0), lp.stride(0),
-            scalars["inv_tau"], scalars["softcap"], float(ce_weight), int(ignore_index),
-            TAIL=bool(tail), HAS_LABELS=labels is not None,
-            HAS_CE=labels is not None and ce_weight != 0, WEIGHT_GRAD=bool(needs_weight_grad),
-            BLOCK_K=_pow2(k), BLOCK_D=_SPARSE_BLOCK_D, **flags)
-        cfg = _BWD if needs_weight_grad else _BWD_NO_WGRAD
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-        _dense_bwd_kernel[grid](
-            *ptrs, lse, coef, dh, gb, dw_arg, db, n, v, d, r, *strides,
-            scalars["inv_tau"], scalars["softcap"],
-            IEEE=h.dtype == torch.float32, WEIGHT_GRAD=bool(needs_weight_grad), **flags, **cfg)
-    return _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, dh, dw, gb, db,
-                         needs_weight_grad)
+        _launch_sparse_bwd(grad_loss, ptrs, ids, lp, labels, lse, coef, bufs, None, None, n, d, r, k,
+                           strides, scalars, flags, tail, ce_weight, ignore_index, needs_weight_grad)
+        _launch_dense_bwd(ptrs, lse, coef, bufs, n, v, d, r, strides, scalars, flags,
+                          h.dtype == torch.float32, needs_weight_grad, hidden_grad=True)
+    return _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, *bufs, needs_weight_grad)
 
 
 def linear_topk_kl_forward_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
                                     teacher_logprobs, labels, lora_scale, temperature, softcap,
                                     tail, ce_weight, ignore_index, needs_weight_grad):
     """(loss, grad_hidden, grad_weight, grad_lora_a, grad_lora_b) for a grad_loss known up
-    front: here the forward and backward launches back to back (the backward recomputes the
-    logit tiles), where the C++ backend keeps them between its two passes."""
-    loss, lse = linear_topk_kl(hidden, weight, lora_a, lora_b, teacher_ids, teacher_logprobs,
-                               labels, lora_scale, temperature, softcap, tail, ce_weight,
-                               ignore_index)
-    grads = linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
-                                    teacher_logprobs, labels, lse, lora_scale, temperature,
-                                    softcap, tail, ce_weight, ignore_index, needs_weight_grad)
-    return (loss, *grads)
+    front, in one sweep over the vocabulary per token block (`_sweep_kernel`: the lse and
+    the dense hidden gradient together, 4 N d V GEMM FLOPs), then the per-token sparse
+    kernel (loss, sparse terms, the per-row scale). dW and the lm_head LoRA's dB need the
+    final lse of every token: a second sweep (`_dense_bwd_kernel` without the hidden
+    gradient) recomputes the logit tiles for them, 8 N d V in all with a trainable lm_head
+    (the C++ backend's 6 keeps the tiles between its passes)."""
+    h, w, ha, b = _prepare(hidden, weight, lora_a, lora_b, lora_scale)
+    ids = teacher_ids.contiguous()
+    lp = teacher_logprobs.contiguous()
+    n, d, k, r, flags, strides, ptrs, scalars = _common(h, w, ha, b, ids, temperature, softcap)
+    v = w.shape[0]
+    ieee = h.dtype == torch.float32
+    loss = torch.empty(n, device=h.device, dtype=torch.float32)
+    bufs = _grad_buffers(n, d, v, r, ha is not None, needs_weight_grad, h.device, zero_dh=True)
+    if n > 0:
+        row_max, row_sum, coef = (torch.empty(n, device=h.device, dtype=torch.float32) for _ in range(3))
+        cfg = config("sweep", h.dtype)
+        _sweep_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            *ptrs, row_max, row_sum, bufs[0], bufs[2], n, v, d, r, *strides,
+            scalars["inv_tau"], scalars["softcap"], IEEE=ieee, **flags, **cfg)
+        lse = row_max + row_sum.log()
+        _launch_sparse_bwd(grad_loss, ptrs, ids, lp, labels, lse, coef, bufs, loss, row_sum, n, d, r,
+                           k, strides, scalars, flags, tail, ce_weight, ignore_index, needs_weight_grad)
+        if needs_weight_grad or ha is not None:
+            _launch_dense_bwd(ptrs, lse, coef, bufs, n, v, d, r, strides, scalars, flags, ieee,
+                              needs_weight_grad, hidden_grad=False)
+    return (loss, *_finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, *bufs, needs_weight_grad))
 
 
 def _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, dh, dw, gb, db, needs_weight_grad):

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused LoRA linear (DESIGN.md section 4).
+"""Triton kernels of the fused LoRA linear (docs/DESIGN.md, "LoRA matmul").
 
 Forward  `y = x W^T (+ bias) + s (dropout(x) A^T) B^T`:
   1. `_mm_kernel`:         xa_s = s * dropout(x) A^T              [N, r]   (small)
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pdengine.kernels._math import dot
 
 _HASH_SEED_MUL = 0x85EBCA6B
 _HASH_OFFSET = 0x27D4EB2F
@@ -46,7 +48,7 @@ def _mm_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     alpha, seed_mix, threshold, x_cols, k_per_split,
-    DROP_A: tl.constexpr, DROP_B: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DROP_A: tl.constexpr, DROP_B: tl.constexpr, IEEE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C = alpha * op(A) @ op(B), op = dropout's zeroing when DROP_A / DROP_B (that operand
@@ -73,7 +75,7 @@ def _mm_kernel(
         if DROP_B:
             keep = _keep(offs_k[:, None] * x_cols + offs_n[None, :], seed_mix, threshold)
             b = tl.where(keep, b, tl.zeros_like(b))
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = dot(a, b, acc, IEEE)
     acc = acc * alpha
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -86,7 +88,7 @@ def _mm_kernel(
 @triton.jit
 def _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn,
-                PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+                IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += A[offs_m, :K] @ B[:K, offs_n], K streamed in BLOCK_K tiles."""
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -94,7 +96,7 @@ def _accumulate(acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = dot(a, b, acc, IEEE)
     return acc
 
 
@@ -104,7 +106,7 @@ def _extended_k_kernel(
     stride_a1m, stride_a1k, stride_b1k, stride_b1n,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cm, stride_cn,
     seed_mix, threshold, inv_keep,
-    HAS_BIAS: tl.constexpr, DROP_OUT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROP_OUT: tl.constexpr, IEEE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -126,16 +128,16 @@ def _extended_k_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc = _accumulate(acc, a1_ptr, b1_ptr, offs_m, offs_n, M, N, K1,
-                      stride_a1m, stride_a1k, stride_b1k, stride_b1n, PRECISION, BLOCK_K)
+                      stride_a1m, stride_a1k, stride_b1k, stride_b1n, IEEE, BLOCK_K)
     if DROP_OUT:
         low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         low_rank = _accumulate(low_rank, a2_ptr, b2_ptr, offs_m, offs_n, M, N, K2,
-                               stride_a2m, stride_a2k, stride_b2k, stride_b2n, PRECISION, BLOCK_R)
+                               stride_a2m, stride_a2k, stride_b2k, stride_b2n, IEEE, BLOCK_R)
         keep = _keep(offs_m[:, None] * N + offs_n[None, :], seed_mix, threshold)
         acc += tl.where(keep, low_rank * inv_keep, 0.0)
     else:
         acc = _accumulate(acc, a2_ptr, b2_ptr, offs_m, offs_n, M, N, K2,
-                          stride_a2m, stride_a2k, stride_b2k, stride_b2n, PRECISION, BLOCK_R)
+                          stride_a2m, stride_a2k, stride_b2k, stride_b2n, IEEE, BLOCK_R)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -146,30 +148,15 @@ def _extended_k_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
-def _check(x, weight, lora_a, lora_b):
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [N, d_in], got shape {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be [d_out, {x.shape[1]}], got {tuple(weight.shape)}")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    r = lora_a.shape[0]
-    if lora_a.shape != (r, x.shape[1]) or lora_b.shape != (weight.shape[0], r):
-        raise ValueError(
-            f"lora_a must be [r, {x.shape[1]}] and lora_b [{weight.shape[0]}, r], got "
-            f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
-        )
-
-
 def _dropout_args(dropout: float, seed: int):
     """(seed_mix, threshold, 1/(1-p)) as the kernels take them."""
     seed_mix = ((int(seed) & 0xFFFFFFFF) * _HASH_SEED_MUL + _HASH_OFFSET) & 0xFFFFFFFF
     return seed_mix, int(dropout * (1 << 24)), 1.0 / (1.0 - dropout)
 
 
-def _precision(dtype):
+def _ieee(dtype):
     # fp32 inputs get full fp32 products (torch's matmul default), not TF32
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return dtype in (torch.float32, torch.float64)
 
 
 def _acc_dtype(dtype):
@@ -181,16 +168,28 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _tiles(x: torch.Tensor):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the extended-K kernel."""
-    if not x.is_cuda:  # interpreter: few, small programs
-        return 32, 32, 32, 4, 1
-    if x.dtype == torch.float64:
-        return 64, 64, 16, 4, 2
-    if x.dtype == torch.float32:
-        return 128, 128, 32, 8, 3
-    return 128, 128, 64, 8, 3
+def _tiles(dtype, is_cuda: bool, drop_out: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the extended-K kernel.
 
+    GPU: 128 x 128 output tiles, 8 warps, 3 stages; fp32 halves BLOCK_K so the staged
+    operand tiles take the same 96 KiB of shared memory as bf16 at BLOCK_K 64. DROP_OUT
+    (the backward's dx with dropout) carries a second fp32 accumulator: half the columns,
+    and for fp32 (IEEE products are FMA loops, not tensor-core MMAs) half the rows too.
+    `pdengine bench kernels` shows these compile for sm_90 with no spill (128 x 64 fp32
+    spilled 160-290 B per thread)."""
+    if not is_cuda:  # interpreter: few, small programs
+        return 32, 32, 32, 4, 1
+    if dtype == torch.float64:
+        return 64, 64, 16, 4, 2
+    block_m, block_n, block_k = (128, 128, 32) if dtype == torch.float32 else (128, 128, 64)
+    if drop_out:
+        block_n //= 2
+        if dtype == torch.float32:
+            block_m //= 2
+    return block_m, block_n, block_k, 8, 3
+
+
+_MM_WARPS = 8
 
 # enough programs to fill an H100/H200 (132 SMs) about twice
 _TARGET_PROGRAMS = 264
@@ -204,6 +203,23 @@ def _split_k(tiles: int, K: int, block_k: int, is_cuda: bool) -> int:
     return max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), K // (8 * block_k)))
 
 
+def _mm_blocks(M: int, N: int, dtype, is_cuda: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of `_mm_kernel` (8 warps, 3 stages on a GPU: 4 warps
+    spilled with a dropout operand): tiles up to 128 x 128, 64-row ones when 128-row tiles
+    would leave SMs idle."""
+    block_n = _pow2_clamp(N, 16, 128 if is_cuda else 32)
+    block_m = _pow2_clamp(M, 16, 32)
+    if is_cuda:
+        few = triton.cdiv(M, 128) * triton.cdiv(N, block_n) < _TARGET_PROGRAMS // 2
+        block_m = _pow2_clamp(M, 16, 64 if few else 128)
+    block_k = 64 if is_cuda and dtype in (torch.float16, torch.bfloat16) else 32
+    if dtype == torch.float32 and is_cuda:  # IEEE FMA tiles: 64 x 128 x 32 spilled 0.7-5.6 KB
+        block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
+    if dtype == torch.float64 and is_cuda:
+        block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
+    return block_m, block_n, block_k
+
+
 def _mm(a, b, c, alpha, *, drop_a=False, drop_b=False, dropout_args=(0, 0, 1.0), x_cols=0,
         split_k=None):
     """c = alpha * op(a) @ op(b), a [M, K], b [K, N] given as (possibly transposed) views.
@@ -214,14 +230,7 @@ def _mm(a, b, c, alpha, *, drop_a=False, drop_b=False, dropout_args=(0, 0, 1.0),
     M, K = a.shape
     N = b.shape[1]
     seed_mix, threshold, _ = dropout_args
-    block_n = _pow2_clamp(N, 16, 128 if a.is_cuda else 32)
-    block_m = _pow2_clamp(M, 16, 32)
-    if a.is_cuda:  # 64-row tiles when 128-row tiles would leave SMs idle
-        few = triton.cdiv(M, 128) * triton.cdiv(N, block_n) < _TARGET_PROGRAMS // 2
-        block_m = _pow2_clamp(M, 16, 64 if few else 128)
-    block_k = 64 if a.is_cuda and a.element_size() <= 2 else 32
-    if a.dtype == torch.float64 and a.is_cuda:
-        block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
+    block_m, block_n, block_k = _mm_blocks(M, N, a.dtype, a.is_cuda)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if split_k is None:
         split_k = _split_k(tiles, K, block_k, a.is_cuda) if c.dtype in (torch.float32, torch.float64) else 1
@@ -234,9 +243,9 @@ def _mm(a, b, c, alpha, *, drop_a=False, drop_b=False, dropout_args=(0, 0, 1.0),
         a, b, c, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         alpha, seed_mix, threshold, x_cols, k_per_split,
-        DROP_A=drop_a, DROP_B=drop_b, PRECISION=_precision(a.dtype), ACC_DTYPE=_acc_dtype(a.dtype),
+        DROP_A=drop_a, DROP_B=drop_b, IEEE=_ieee(a.dtype), ACC_DTYPE=_acc_dtype(a.dtype),
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=3 if a.is_cuda else 1,
+        num_warps=_MM_WARPS if a.is_cuda else 4, num_stages=3 if a.is_cuda else 1,
     )
     return c
 
@@ -245,9 +254,7 @@ def _extended_k(a1, b1, a2, b2, c, bias=None, *, drop_out=False, dropout_args=(0
     """c = a1 @ b1 + a2 @ b2 (+ bias), the second product masked by dropout if drop_out."""
     M, K1 = a1.shape
     N, K2 = b1.shape[1], a2.shape[1]
-    block_m, block_n, block_k, warps, stages = _tiles(a1)
-    if drop_out and a1.is_cuda:  # a second fp32 accumulator: halve the tile to avoid spills
-        block_n //= 2
+    block_m, block_n, block_k, warps, stages = _tiles(a1.dtype, a1.is_cuda, drop_out)
     block_r = _pow2_clamp(K2, 16, block_k)
     seed_mix, threshold, inv_keep = dropout_args
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
@@ -256,7 +263,7 @@ def _extended_k(a1, b1, a2, b2, c, bias=None, *, drop_out=False, dropout_args=(0
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), c.stride(0), c.stride(1),
         seed_mix, threshold, inv_keep,
-        HAS_BIAS=bias is not None, DROP_OUT=drop_out, PRECISION=_precision(a1.dtype),
+        HAS_BIAS=bias is not None, DROP_OUT=drop_out, IEEE=_ieee(a1.dtype),
         ACC_DTYPE=_acc_dtype(a1.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=8,
         num_warps=warps, num_stages=stages,
@@ -273,8 +280,9 @@ def _lora_input(x, lora_a, alpha, dropout, seed):
 
 
 def lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, seed):
-    """y [N, d_out] = x W^T (+ bias) + scale * (dropout(x) A^T) B^T, in x's dtype."""
-    _check(x, weight, lora_a, lora_b)
+    """y [N, d_out] = x W^T (+ bias) + scale * (dropout(x) A^T) B^T, in x's dtype.
+    Arguments are checked by the op's one boundary (pdengine/ops/_checks.py)."""
+    weight = weight.to(x.dtype)  # the tensor-core operands share x's dtype
     xa_s = _lora_input(x, lora_a, scale, dropout, seed)
     y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
     return _extended_k(x, weight.T, xa_s, lora_b.to(x.dtype).T, y, bias)
@@ -282,7 +290,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, seed):
 
 def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, scale, dropout, seed):
     """(grad_x, grad_lora_a, grad_lora_b) of lora_linear; W and bias are frozen."""
-    _check(x, weight, lora_a, lora_b)
+    weight = weight.to(x.dtype)
     dy = grad_out.to(x.dtype)
     args = _dropout_args(dropout, seed)
     n, r = x.shape[0], lora_a.shape[0]

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdengine.kernels._math import logit_tile
 from pdengine.kernels._math import tanh as _tanh
 
 _LOW32 = 0xFFFFFFFF
@@ -71,35 +72,10 @@ def _insert_tile(top, tile_keys):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, row_mask, vocab_ids, vocab_mask, D,
-                 stride_hn, stride_hd, stride_wv, stride_wd,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                 IEEE_FP32: tl.constexpr):
-    """u = h[rows] @ W[vocab_ids]^T for one tile, accumulated in fp32."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
-    w_rows = w_ptr + vocab_ids.to(tl.int64)[:, None] * stride_wv
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        h = tl.load(h_rows + cols[None, :] * stride_hd, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        w = tl.load(w_rows + cols[None, :] * stride_wd, mask=vocab_mask[:, None] & col_mask[None, :], other=0.0)
-        if h.dtype == tl.float64:  # fp64 inputs: the contract is fp32 accumulation
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE_FP32:  # full fp32 products: tf32 would reorder near-tied top-k ids
-            acc += tl.dot(h, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(h, tl.trans(w))
-    return acc
-
-
-@triton.jit
 def _chunk_topk_kernel(
     h_ptr, w_ptr, keys_ptr, lse_ptr,
-    N, V, D, n_tiles, tiles_per_chunk, n_chunks, inv_temperature, softcap,
-    stride_hn, stride_hd, stride_wv, stride_wd,
-    SOFTCAP: tl.constexpr, IEEE_FP32: tl.constexpr, K: tl.constexpr,
+    N, V, D, n_tiles, tiles_per_chunk, n_chunks, inv_temperature, softcap, stride_h, stride_w,
+    SOFTCAP: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -116,9 +92,10 @@ def _chunk_topk_kernel(
     for t in range(first_tile, tl.minimum(first_tile + tiles_per_chunk, n_tiles)):
         vocab_ids = t * BLOCK_V + tl.arange(0, BLOCK_V)
         vocab_mask = vocab_ids < V
-        u = _logits_tile(h_ptr, w_ptr, rows, row_mask, vocab_ids, vocab_mask, D,
-                         stride_hn, stride_hd, stride_wv, stride_wd,
-                         BLOCK_N, BLOCK_V, BLOCK_D, IEEE_FP32)
+        # no LoRA on the teacher: the LoRA pointers and strides are never read
+        u = logit_tile(h_ptr, w_ptr, h_ptr, w_ptr, rows, vocab_ids, row_mask, vocab_mask,
+                       D, 0, stride_h, stride_w, 0, 0,
+                       False, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, 16)
         if SOFTCAP:
             u = softcap * _tanh(u / softcap)
         z = tl.where(vocab_mask[None, :], u * inv_temperature, float("-inf"))
@@ -171,24 +148,22 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature
     """Launcher with the op's schema: `(ids [N, k] int64, logprobs [N, k] float32)`.
 
     hidden [N, d], weight [V, d] (same dtype and device), 1 <= k <= V, temperature > 0,
-    softcap 0.0 for none. Output sorted by descending probability, ties by smaller id.
+    softcap 0.0 for none (checked by the op's one boundary, pdengine/ops/_checks.py).
+    Output sorted by descending probability, ties by smaller id.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [N, d] and weight [V, d] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or hidden.device != weight.device:
-        raise ValueError("hidden and weight must have the same dtype and device")
     n, d = hidden.shape
     vocab = weight.shape[0]
-    if not 0 < k <= vocab:
-        raise ValueError(f"k must be in [1, V={vocab}], got {k}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
     if vocab >= 2**31:
         raise ValueError(f"vocabulary size {vocab} does not fit the 32-bit id field of the keys")
-    if hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        # the interpreter's bf16 tl.dot returns garbage; bf16 values are exact in fp32 and the
-        # kernel accumulates in fp32 anyway, so upcasting computes the same thing
-        hidden, weight = hidden.float(), weight.float()
+    ieee = hidden.dtype in (torch.float32, torch.float64)  # tf32 would reorder near-tied ids
+    if hidden.dtype == torch.float64 or (
+            hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"):
+        # fp64: the contract is fp32 accumulation of fp32 products. bf16 in the interpreter:
+        # its bf16 tl.dot returns garbage; bf16 values are exact in fp32 and the kernel
+        # accumulates in fp32 anyway, so upcasting computes the same thing
+        hidden = hidden.float()
+    weight = weight.to(hidden.dtype)  # the dot's operands share hidden's dtype
+    hidden, weight = hidden.contiguous(), weight.contiguous()  # logit_tile: unit stride along d
     ids_out = torch.empty((n, k), dtype=torch.int64, device=hidden.device)
     logprobs_out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
     if n == 0:
@@ -207,8 +182,7 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature
         _chunk_topk_kernel[grid](
             hidden, weight, keys, chunk_lse,
             n, vocab, d, n_tiles, tiles_per_chunk, n_chunks, 1.0 / temperature, float(softcap or 1.0),
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            SOFTCAP=bool(softcap), IEEE_FP32=hidden.dtype in (torch.float32, torch.float64), K=k_pad,
+            hidden.stride(0), weight.stride(0), SOFTCAP=bool(softcap), IEEE=ieee, K=k_pad,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps,
         )
 

@@ -4,7 +4,7 @@ These materialize everything (the `[N, V]` logits included) and lean on autograd
 gradients. They are the specification: every fast version (Triton in `kernels/`, C++ in
 `csrc/`) is tested against them in float64. Keep them obvious rather than fast.
 
-The math is in DESIGN.md section 3 (loss), 4 (LoRA), 5 (teacher top-k).
+The math is in docs/DESIGN.md, "Fused loss", "LoRA matmul" and "Teacher top-k".
 """
 from __future__ import annotations
 

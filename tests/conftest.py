@@ -27,7 +27,8 @@ def backend_op(backend: str, name: str):
         from importlib import import_module
 
         module = next(op for op in ("linear_topk_kl", "lora_linear", "teacher_topk") if name.startswith(op))
-        return getattr(import_module(f"pdengine.kernels.{module}"), name)
+        # behind the raw op's argument checks, as the CUDA registration runs it
+        return _library.checked(name, getattr(import_module(f"pdengine.kernels.{module}"), name))
     if backend == "cpp":
         if not _library.HAS_CPP:
             pytest.fail("the C++ extension pdengine._C is not built (run ./run.sh test)")
@@ -43,3 +44,7 @@ def backend_device(backend: str) -> str:
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a GPU test (tests/test_cuda_ops.py; skipped without CUDA)")

@@ -450,54 +450,5 @@ def test_no_logits_sized_allocation(monkeypatch):
     assert largest < logits_bytes // 4, f"largest allocation {largest} B vs [N, V] = {logits_bytes} B"
 
 
-# ------------------------------------------------- GPU compilation without a GPU
-
-_AOT_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pdengine.kernels import linear_topk_kl as K
-
-FLOATS = {"inv_tau", "softcap", "ce_weight"}
-ELEM = {"h_ptr", "w_ptr", "ha_ptr", "b_ptr"}
-INTS = {"ids_ptr", "labels_ptr"}
-
-def arg_type(name):
-    if name.endswith("_ptr"):
-        return "*bf16" if name in ELEM else "*i64" if name in INTS else "*fp32"
-    return "fp32" if name in FLOATS else "i32"
-
-flags = dict(HAS_LORA=True, SOFTCAP=True, BLOCK_R=64)
-sparse = dict(flags, HAS_LABELS=True, HAS_CE=True, BLOCK_K=64, BLOCK_D=128)
-jobs = [
-    (K._lse_kernel, dict(flags, IEEE=False, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), 8),
-    (K._sparse_fwd_kernel, dict(sparse, TAIL=True), 4),
-    (K._sparse_fwd_kernel, dict(sparse, TAIL=False), 4),
-    (K._sparse_bwd_kernel, dict(sparse, TAIL=True, WEIGHT_GRAD=True), 4),
-    (K._dense_bwd_kernel, dict(flags, IEEE=False, WEIGHT_GRAD=True, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), 8),
-]
-for fn, consts, warps in jobs:
-    sig = {n: "constexpr" if n in consts else arg_type(n) for n in fn.arg_names}
-    cx = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=warps))
-print("compiled", len(jobs))
-"""
-
-
-def test_kernels_compile_for_sm90_without_gpu():
-    """The interpreter accepts code that compiled Triton rejects (e.g. non-constexpr
-    globals): compile every kernel for an H100 (sm_90, bf16, all flags on) ahead of time
-    with the ptxas bundled in the Triton wheel, in a process without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")):
-        pytest.skip("this Triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 5" in out.stdout
+# GPU compilation without a GPU (every kernel, every shipped config, spills and shared
+# memory included): tests/test_kernel_resources.py.

@@ -149,6 +149,23 @@ def test_compiles_with_torch_compile():
     torch.testing.assert_close(fn(x, weight, lora_a, lora_b, SCALE, b), pdengine.lora_linear(x, weight, lora_a, lora_b, SCALE, b))
 
 
+def test_dropout_without_seed_compiles_fullgraph():
+    """A LoRA layer in train mode (dropout, no seed) under torch.compile(fullgraph=True):
+    the seed drawn while tracing is a SymInt (was: "Expected int for seed, found SymInt"),
+    fresh at every call, and the backward replays the forward's mask."""
+    x, weight, lora_a, lora_b, b = _public_inputs(torch.float32)
+    x, lora_a, lora_b = (t.clone().requires_grad_(True) for t in (x, lora_a, lora_b))
+
+    def step(x, lora_a, lora_b):
+        return pdengine.lora_linear(x, weight, lora_a, lora_b, SCALE, b, dropout=0.5)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    first, second = compiled(x, lora_a, lora_b), compiled(x, lora_a, lora_b)
+    assert not torch.equal(first, second), "each call must draw a new dropout seed"
+    first.sum().backward()
+    assert x.grad is not None and lora_a.grad is not None and lora_b.grad is not None
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

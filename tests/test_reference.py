@@ -1,4 +1,4 @@
-"""The reference ops against DESIGN.md's closed-form gradients and against torch's own
+"""The reference ops against the closed-form gradients and against torch's own
 losses: if the specification is wrong, every kernel test passing means nothing."""
 import pytest
 import torch
@@ -25,7 +25,7 @@ def _teacher(n, v, k, gen, peaked=False):
 
 
 def _design_grad_z(z, ids, lp, mode, labels=None, ce_weight=0.0):
-    """dL/dz per DESIGN.md section 3 (per-token loss, sum reduction)."""
+    """dL/dz per docs/DESIGN.md, "Fused loss" (per-token loss, sum reduction)."""
     q = torch.softmax(z, -1)
     q_ids = q.gather(1, ids)
     if mode == "renorm":

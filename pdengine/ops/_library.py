@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from pdengine.ops._checks import RAW_CHECKS
+
 SCHEMAS = {
     "linear_topk_kl": (
         "linear_topk_kl(Tensor hidden, Tensor weight, Tensor? lora_a, Tensor? lora_b, "
@@ -42,11 +44,11 @@ SCHEMAS = {
     ),
     "lora_linear": (
         "lora_linear(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
-        "Tensor? bias, float dropout, int seed) -> Tensor"
+        "Tensor? bias, float dropout, SymInt seed) -> Tensor"
     ),
     "lora_linear_backward": (
         "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, "
-        "Tensor lora_b, float scale, float dropout, int seed) -> (Tensor, Tensor, Tensor)"
+        "Tensor lora_b, float scale, float dropout, SymInt seed) -> (Tensor, Tensor, Tensor)"
     ),
     "teacher_topk": (
         "teacher_topk(Tensor hidden, Tensor weight, int k, float temperature, float softcap) "
@@ -106,6 +108,19 @@ def warn_cpu_fallback_once():
         )
 
 
+def checked(name: str, impl):
+    """impl behind the raw op's argument checks (the C++ kernels' own, mirrored in
+    pdengine/ops/_checks.py): every backend of an op refuses the same calls alike."""
+    check = RAW_CHECKS[name]
+
+    def checked_impl(*args):
+        check(*args)
+        return impl(*args)
+
+    checked_impl.__name__ = f"{name}_{getattr(impl, '__name__', 'impl')}"
+    return checked_impl
+
+
 def register_cpu_fallback(name: str, triton_impl, reference_impl):
     """Register the CPU kernel for `pdengine::name` when the C++ extension is missing."""
     if HAS_CPP:
@@ -117,8 +132,8 @@ def register_cpu_fallback(name: str, triton_impl, reference_impl):
             return triton_impl(*args)
         return reference_impl(*args)
 
-    torch.library.register_kernel(f"pdengine::{name}", "cpu", cpu_impl)
+    torch.library.register_kernel(f"pdengine::{name}", "cpu", checked(name, cpu_impl))
 
 
 def register_cuda(name: str, triton_impl):
-    torch.library.register_kernel(f"pdengine::{name}", "cuda", triton_impl)
+    torch.library.register_kernel(f"pdengine::{name}", "cuda", checked(name, triton_impl))

@@ -1,4 +1,4 @@
-"""Front-end of the fused lm_head + top-k KL loss (DESIGN.md section 3).
+"""Front-end of the fused lm_head + top-k KL loss (docs/DESIGN.md, "Fused loss").
 
 `pdengine::linear_topk_kl` / `pdengine::linear_topk_kl_backward` /
 `pdengine::linear_topk_kl_forward_backward` are custom ops (schemas in `_library.SCHEMAS`):
@@ -7,10 +7,10 @@ CUDA runs the Triton kernels of `kernels/linear_topk_kl.py`, CPU runs the C++ ke
 fake kernels, the autograd formulas, the argument checks, the reductions and the public
 function / Module.
 
-Two autograd paths. `reduction="none"` (and every CUDA call): the forward op returns the
-per-token loss and lse, the backward op recomputes the logit tiles. A reduced loss on CPU
-that will be differentiated: `_SinglePassLoss` calls the single-pass op with the
-reduction's per-token weights, keeps the gradients, and its backward only scales them.
+Two autograd paths. `reduction="none"`: the forward op returns the per-token loss and lse,
+the backward op recomputes the logit tiles. A reduced loss that will be differentiated:
+`_SinglePassLoss` calls the single-pass op with the reduction's per-token weights, keeps
+the gradients, and its backward only scales them.
 
 Input checks. Shapes, dtypes, devices and hyper-parameters are checked on the host for
 free. The value checks (teacher ids and labels inside [0, V), finite teacher log-probs)
@@ -250,10 +250,12 @@ class _SinglePassLoss(torch.autograd.Function):
     before the backward: 1/count or 1. The forward then runs the single-pass op for that
     grad_loss and keeps (dh, dW, dA, dB); the backward only scales them by the incoming
     scalar gradient. Exact, not an approximation: the result is linear in the per-token
-    losses. The C++ backend keeps the logit tiles of a token chunk between its lse pass and
-    its gradient pass, so this path runs 6 N d V GEMM FLOPs (4 with a frozen lm_head)
-    instead of forward + backward's 8 (6). The gradients live from the forward to the
-    backward, as in Liger-Kernel's fused linear cross-entropy.
+    losses. With a frozen lm_head both backends run 4 N d V GEMM FLOPs instead of forward +
+    backward's 6 (Triton: one sweep that accumulates the hidden gradient with online
+    rescaling); with a trainable one C++ runs 6 instead of 8 (it keeps a token chunk's
+    logit tiles between its passes) and Triton 8 (a second sweep recomputes them for dW).
+    The gradients live from the forward to the backward, as in Liger-Kernel's fused linear
+    cross-entropy.
     """
 
     @staticmethod
@@ -321,9 +323,9 @@ def linear_topk_kl(
 
     Returns: a float32 scalar, or `[N]` float32 for reduction="none".
 
-    On CPU a "mean" or "sum" loss taken with grad enabled computes its gradients right
-    away, in one pass (see `_SinglePassLoss`): call `.backward()` on it, or compute it
-    under `torch.no_grad()` when only the value is wanted.
+    A "mean" or "sum" loss taken with grad enabled computes its gradients right away, in
+    one pass (see `_SinglePassLoss`): call `.backward()` on it, or compute it under
+    `torch.no_grad()` when only the value is wanted.
     """
     n, v = _check_shapes(hidden, weight, teacher_ids, teacher_logprobs, labels, lora_a, lora_b)
     _check_hyper(lora_scale, temperature, softcap, mode, ce_weight, ignore_index, reduction)
@@ -344,10 +346,8 @@ def linear_topk_kl(
 
 
 def _use_single_pass(reduction, hidden, *params):
-    """Gradients in the forward pass: for a reduced loss that will be differentiated, on CPU.
-    (On CUDA the Triton path is forward + backward with recompute either way, so the loss
-    keeps the plain autograd path there and holds no gradients between the passes.)"""
-    return (reduction != "none" and hidden.device.type == "cpu" and torch.is_grad_enabled()
+    """Gradients in the forward pass: for a reduced loss that will be differentiated."""
+    return (reduction != "none" and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (hidden, *params)))
 
 

@@ -10,6 +10,8 @@ only, and asking for a gradient of W or bias is an error rather than a silent ze
 """
 from __future__ import annotations
 
+import random
+
 import torch
 
 from pdengine import reference
@@ -156,7 +158,13 @@ torch.library.register_autograd("pdengine::lora_linear", _backward, setup_contex
 
 def draw_seed() -> int:
     """A dropout seed from torch's (CPU) default generator: reproducible under
-    torch.manual_seed and free of device syncs."""
+    torch.manual_seed and free of device syncs.
+
+    Under torch.compile, `.item()` would break the graph (fullgraph=True fails); Python's
+    `random` is what Dynamo replays with a fresh value at every call, as a SymInt, which the
+    op's `SymInt seed` accepts (reproducible under `random.seed`)."""
+    if torch.compiler.is_compiling():
+        return random.randint(0, _SEED_BOUND - 1)
     return int(torch.randint(0, _SEED_BOUND, (1,)).item())
 
 
@@ -181,11 +189,12 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0, seed=N
     _check_args(x, weight, lora_a, lora_b, scale, bias, dropout)
     if seed is None:
         seed = draw_seed() if dropout > 0 else 0
-    elif not isinstance(seed, int):
+    elif not isinstance(seed, (int, torch.SymInt)):
         raise ValueError(f"seed must be an int or None, got {type(seed).__name__}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     y = torch.ops.pdengine.lora_linear(
-        x2d, weight, lora_a, lora_b, float(scale), bias, float(dropout), int(seed)
+        x2d, weight, lora_a, lora_b, float(scale), bias, float(dropout),
+        seed if isinstance(seed, torch.SymInt) else int(seed)
     )
     return y.reshape(*lead, weight.shape[0])

@@ -3,7 +3,7 @@
 From teacher hidden states (after the final norm) and the lm_head weight, the op returns
 the k most probable next-token ids and their log-probabilities at `temperature`,
 normalised over the *full* vocabulary, without materializing the `[N, V]` logits
-(DESIGN.md section 3, "Teacher top-k").
+(docs/DESIGN.md, "Teacher top-k").
 
 Backends (see pdengine/ops/_library.py): CUDA runs the Triton kernel
 (`pdengine.kernels.teacher_topk`); CPU runs the C++ kernel from `pdengine._C`, or, when
