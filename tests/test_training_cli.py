@@ -32,7 +32,7 @@ def test_flags_are_generated_from_train_config():
         config_from_args(parser.parse_args(["--out", "o", "--lr", "nan"]))
 
 
-def test_cli_trains_from_a_teacher_cache_and_resumes_without_repeating_flags(tmp_path, capsys):
+def test_cli_trains_from_a_teacher_cache_and_resumes_without_repeating_flags(tmp_path, capsys, monkeypatch):
     make_cache(tmp_path)
     assert cli([*_common(tmp_path), "--max-steps", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
@@ -44,7 +44,14 @@ def test_cli_trains_from_a_teacher_cache_and_resumes_without_repeating_flags(tmp
     assert cli(["--out", str(tmp_path / "run"), "--resume", "--max-steps", "3", "--device", "cpu"]) == 0
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["lr"] == 1e-2
-    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.5"]) == 2
+    import pdengine.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a refused resume must not load the model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pdengine.loading, "load_model_and_tokenizer", no_loading)
+        assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.5"]) == 2
     assert "lr 0.01 -> 0.5" in capsys.readouterr().err
     from pdengine.lora import load_adapter
     from transformers import LlamaForCausalLM

@@ -71,6 +71,8 @@ def run(args) -> int:
         run_dir.check_fresh(out)  # before the model loads; train() checks again under the lock
     base = run_dir.saved_config(run_record, out) if run_record is not None else None
     config = config_from_args(args, base)
+    if run_record is not None:  # refuse a changed setting before the model loads
+        run_dir.refuse_changes(out, run_dir.setting_changes(out, run_record, config))
     paths = _paths(args, run_record)
     model, tokenizer = load_model_and_tokenizer(paths["model"], device=args.device)
     temperature = config.temperature if config.loss == "pd" else None

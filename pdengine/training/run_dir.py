@@ -64,18 +64,32 @@ def _comparable(identity: dict | None):
     return None if identity is None else {k: v for k, v in identity.items() if k != "path"}
 
 
+def setting_changes(out: Path, run: dict, config: TrainConfig) -> list[str]:
+    """The settings that differ from run.json and would change the result."""
+    old, new = saved_config(run, Path(out)).to_dict(), config.to_dict()
+    return [f"{name} {old[name]!r} -> {new[name]!r}" for name in result_settings() if old[name] != new[name]]
+
+
+def identity_changes(run: dict, cache_identity: dict, replay_identity: dict | None) -> list[str]:
+    """The data (cache, replay cache) that is not the data run.json recorded."""
+    changes = []
+    for key, identity in (("cache", cache_identity), ("replay_cache", replay_identity)):
+        if _comparable(run.get(key)) != _comparable(identity):
+            changes.append(f"{key} {_describe(run.get(key))} -> {_describe(identity)}")
+    return changes
+
+
+def refuse_changes(out: Path, changes: list[str]) -> None:
+    if changes:
+        raise InputError(f"cannot resume {out}: {'; '.join(changes)} (these change the result; "
+                         "use another --out for a new run)")
+
+
 def check_resume(out: Path, run: dict, config: TrainConfig, cache_identity: dict,
                  replay_identity: dict | None) -> None:
     """InputError listing every change that would make the resumed run differ from the
     uninterrupted one; `RESUMABLE_SETTINGS` (max_steps, logging, ...) may change."""
-    old, new = saved_config(run, Path(out)).to_dict(), config.to_dict()
-    changes = [f"{name} {old[name]!r} -> {new[name]!r}" for name in result_settings() if old[name] != new[name]]
-    for key, identity in (("cache", cache_identity), ("replay_cache", replay_identity)):
-        if _comparable(run.get(key)) != _comparable(identity):
-            changes.append(f"{key} {_describe(run.get(key))} -> {_describe(identity)}")
-    if changes:
-        raise InputError(f"cannot resume {out}: {'; '.join(changes)} (these change the result; "
-                         "use another --out for a new run)")
+    refuse_changes(out, setting_changes(out, run, config) + identity_changes(run, cache_identity, replay_identity))
 
 
 def _describe(identity: dict | None) -> str:
