@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,11 @@ def write_report(out_dir, methods: dict, per_question: list, extra: dict | None 
     atomic_write_json(paths["json"], {"methods": methods, "comparisons": comparisons,
                                       "n_eval_questions": len(per_question), **extra})
     atomic_write_text(paths["md"], markdown_table(methods, n_questions=len(per_question))
-                      + comparisons_markdown(comparisons))
+                      + comparisons_markdown(comparisons) + per_document_markdown(methods, per_question)
+                      + settings_markdown(extra))
     write_jsonl(paths["answers"], per_question)
-    png = _bar_chart(out / "report.png", methods, len(per_question))
+    title = f"{extra.get('model', 'evaluation')}, {time.strftime('%Y-%m-%d')}: {len(per_question)} questions"
+    png = _bar_chart(out / "report.png", methods, title)
     if png is not None:
         paths["png"] = png
     return paths
@@ -162,7 +165,33 @@ def comparisons_markdown(comparisons: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bar_chart(path: Path, methods: dict, n_questions: int) -> Path | None:
+def per_document_markdown(methods: dict, per_question: list, metric: str = "contains") -> str:
+    """Each document's questions and each method's mean `metric` on them (in %): where
+    injection worked and where it did not."""
+    by_doc: dict[str, list[dict]] = {}
+    for row in per_question:
+        by_doc.setdefault(str(row.get("doc_id")), []).append(row)
+    names = [m for m in methods if all(m in row.get("scores", {}) for row in per_question)]
+    if not by_doc or not names:
+        return ""
+    lines = ["", f"Per document ({metric}, %).", "", "| document | questions | " + " | ".join(names) + " |",
+             "| --- | ---: |" + " ---: |" * len(names)]
+    for doc_id, rows in by_doc.items():
+        cells = [f"{100 * sum(as_number(r['scores'][m][metric]) for r in rows) / len(rows):.1f}" for m in names]
+        lines.append(f"| {doc_id} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def settings_markdown(extra: dict) -> str:
+    """The model, adapters and settings the report was made with (what reproduces it)."""
+    items = [(k, extra[k]) for k in ("model", "adapters") if extra.get(k)]
+    items += sorted((extra.get("settings") or {}).items())
+    if not items:
+        return ""
+    return "\nSettings: " + "; ".join(f"{k} = {v}" for k, v in items) + ".\n"
+
+
+def _bar_chart(path: Path, methods: dict, title: str) -> Path | None:
     """Grouped bars per method, each labelled with its value, with its 95 % interval as an error bar."""
     try:
         import matplotlib
@@ -188,7 +217,7 @@ def _bar_chart(path: Path, methods: dict, n_questions: int) -> Path | None:
         bars = ax.bar([i + (j - (len(cols) - 1) / 2) * width for i in range(len(names))], values, width,
                       yerr=errors, capsize=2, label=col)
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
-    ax.set_title(f"{n_questions} questions; error bars: 95 % bootstrap interval", fontsize=9)
+    ax.set_title(f"{title}; error bars: 95 % bootstrap interval", fontsize=9)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=15, ha="right")
     ax.set_ylabel("score (%)")

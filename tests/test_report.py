@@ -65,6 +65,7 @@ def test_report_files_carry_intervals_and_comparisons(tmp_path):
     low, high = report["methods"]["sft"]["contains_ci"]
     assert f"| sft | 50.0 [{100 * low:.1f}, {100 * high:.1f}] |" in md
     assert "| prompt_distillation-sft | +30.0 [" in md and "Paired differences" in md
+    assert "Settings: model = m." in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(InputError, match="must not override"):
         R.write_report(tmp_path, _methods(SCORES), _rows(SCORES), extra={"comparisons": {}})
@@ -85,3 +86,12 @@ def test_several_seeds_widen_the_interval_and_are_listed():
     assert high - low > q_only[1] - q_only[0]  # training noise widens it
     assert comparisons["prompt_distillation-sft"]["contains"] == pytest.approx(78 / 120 - 0.5)
     assert "| prompt_distillation (3 seeds) |" in R.markdown_table(enriched)
+
+
+def test_per_document_breakdown():
+    rows = _rows({"sft": [1.0, 0.0, 1.0], "prompt_distillation": [1.0, 1.0, 0.0]})
+    for row, doc in zip(rows, ("a", "a", "b")):
+        row["doc_id"] = doc
+    table = R.per_document_markdown(_methods({"sft": [1.0, 0.0, 1.0], "prompt_distillation": [1.0, 1.0, 0.0]}), rows)
+    assert "| document | questions | sft | prompt_distillation |" in table
+    assert "| a | 2 | 50.0 | 100.0 |" in table and "| b | 1 | 100.0 | 0.0 |" in table
