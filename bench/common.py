@@ -1,8 +1,10 @@
 """Shared benchmark utilities: timing, peak memory, environment tags, result files.
 
 Bench scripts run as `python bench/NAME.py` (or `pdengine bench NAME`) and import this
-module as `from common import ...`. Every bench script measures its baselines in the same run and saves rows through
-`save_results`, which tags them with the device and library versions.
+module as `from common import ...`. Every bench script measures its baselines in the same
+run and saves rows through `save_results`, which tags them with the device and library
+versions: into a new git-ignored bench/runs/<timestamp>/ folder, or, with `--save`, into
+the tracked bench/results/ that bench/RESULTS.md quotes.
 
 Peak memory:
 - CUDA: `torch.cuda.max_memory_allocated` above what was allocated before the call.
@@ -25,10 +27,16 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"  # tracked: the figures RESULTS.md quotes
+# git-ignored: one folder per run (PDENGINE_BENCH_RUNS_DIR moves it, e.g. for tests)
+RUNS_DIR = Path(os.environ.get("PDENGINE_BENCH_RUNS_DIR") or BENCH_DIR / "runs")
+
+# One folder per process, so the files of one `pdengine bench NAME` run stay together.
+_RUN_STAMP = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
 
 
-def _sync(device=None):
+def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -122,14 +130,29 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
-def save_results(name: str, rows: list[dict]) -> Path:
-    """Write bench/results/<name>.json (rows + environment) and <name>.csv; returns the JSON path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    json_path = RESULTS_DIR / f"{name}.json"
+def add_save_flag(parser) -> None:
+    """`--save`: write into the tracked bench/results/ (else a git-ignored run folder)."""
+    parser.add_argument("--save", action="store_true",
+                        help="write the results into bench/results/ (tracked, quoted by RESULTS.md) "
+                             "instead of a new bench/runs/<timestamp>/ folder")
+
+
+def results_dir(save: bool) -> Path:
+    """bench/results/ with --save; otherwise this process's bench/runs/<timestamp>/, so a
+    plain run never overwrites the figures the checkout tracks."""
+    return RESULTS_DIR if save else RUNS_DIR / _RUN_STAMP
+
+
+def save_results(name: str, rows: list[dict], save: bool = False, extra_env: dict | None = None) -> Path:
+    """Write <name>.json (rows + environment, plus extra_env) and <name>.csv into
+    results_dir(save); returns the JSON path."""
+    folder = results_dir(save)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**environment(), **(extra_env or {})}
+    json_path = folder / f"{name}.json"
     json_path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     keys = sorted({k for r in rows for k in r})
-    with (RESULTS_DIR / f"{name}.csv").open("w", newline="") as f:
+    with (folder / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["device", *keys])
         writer.writeheader()
         for r in rows:

@@ -49,7 +49,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import (_sync, environment, peak_memory, print_table, save_results, summarize_ms, time_fn,
+from common import (_sync, add_save_flag, environment, peak_memory, print_table, save_results, summarize_ms, time_fn,
                     time_round_robin, tflops)
 
 import pdengine
@@ -344,6 +344,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=None, help="token chunk of the chunked baseline")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # CPU subprocess mode
+    add_save_flag(parser)
     args = parser.parse_args(argv)
     if args.memory_of:
         return _memory_child(args.memory_of)
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
     for note in notes:
         rows.append({"note": note})
     print_table([r for r in rows if "impl" in r], COLUMNS)
-    print(save_results("linear_topk_kl", rows))
+    print(save_results("linear_topk_kl", rows, args.save))
     return 0
 
 

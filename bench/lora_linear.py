@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_memory, print_table, save_results, tflops, time_fn  # noqa: E402
+from common import add_save_flag, environment, peak_memory, print_table, save_results, tflops, time_fn  # noqa: E402
 
 import pdengine  # noqa: E402
 
@@ -131,6 +131,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
     p.add_argument("--reps", type=int, default=20 if cuda else 3)
     p.add_argument("--name", default="lora_linear")
+    add_save_flag(p)
     args = p.parse_args(argv)
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -146,7 +147,7 @@ def main(argv=None):
                              "peak_mem_MiB", "fused_speedup"])
     for row in rows:
         row["backend"] = pdengine.backend_info()["cuda" if cuda else "cpu"]
-    print("saved", save_results(args.name, rows))
+    print("saved", save_results(args.name, rows, args.save))
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment, print_table, save_results, time_round_robin
+from common import add_save_flag, environment, print_table, save_results, time_round_robin
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--qa", type=int, default=30)
     parser.add_argument("--doc-tokens", type=int, default=512)
+    add_save_flag(parser)
     args = parser.parse_args()
     print(environment(), pdengine.backend_info())
     tok, model = word_tokenizer(VOCAB), small_llama()
@@ -129,8 +130,8 @@ def main() -> None:
     enc = bench_encoding_error()
     print_table(enc, ["logit_std", "top1_prob", "topk_mass", "max_abs_logprob_err", "kl_renorm_mean",
                       "kl_renorm_max", "tail_mass_abs_err_max"])
-    save_results("prefill", rows)
-    save_results("prefill_encoding", enc)
+    save_results("prefill", rows, args.save)
+    print("saved", save_results("prefill_encoding", enc, args.save))
     print(f"total {time.perf_counter() - start:.1f} s")
 
 

@@ -27,7 +27,7 @@ import torch
 if not torch.cuda.is_available():  # the Triton row on CPU needs the interpreter, set before import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import environment, peak_memory, print_table, save_results, time_fn, tflops  # noqa: E402
+from common import add_save_flag, environment, peak_memory, print_table, save_results, time_fn, tflops  # noqa: E402
 
 import pdengine  # noqa: E402
 from pdengine.ops import _library  # noqa: E402
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    add_save_flag(parser)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = GPU_SHAPES if args.shapes == "gpu" else CPU_SHAPES
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     for shape in shapes:
         rows += bench_shape(shape, device, args.warmup, args.reps)
     print_table(rows, ["shape", "impl", "median_ms", "p20_ms", "p80_ms", "peak_mem_MB", "tflops", "max_abs_logprob_diff", "id_agreement"])
-    print(save_results("teacher_topk", rows))
+    print(save_results("teacher_topk", rows, args.save))
     return 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_memory, print_table, save_results, time_fn, time_round_robin  # noqa: E402
+from common import add_save_flag, environment, peak_memory, print_table, save_results, time_fn, time_round_robin  # noqa: E402
 
 import pdengine  # noqa: E402
 from pdengine import modeling, reference  # noqa: E402
@@ -117,7 +117,7 @@ def hf_peft_setup(preset, device, rank):
 
 
 def topk_kl_on_logits(logits, ids, lp):
-    """The fused op's tail-mode KL, on materialized logits (DESIGN.md section 3)."""
+    """The fused op's tail-mode KL, on materialized logits (docs/DESIGN.md, "Fused loss")."""
     logq = torch.log_softmax(logits / TEMPERATURE, dim=-1).gather(1, ids)
     p = lp.exp()
     tail_t = (1 - p.sum(-1)).clamp(min=0)
@@ -310,6 +310,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="train_step")
     parser.add_argument("--worker", choices=sorted(SETUPS), help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
+    add_save_flag(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("llama-1b" if device.type == "cuda" else "cpu")
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     print_table([r for r in rows if r["bench"] == "epoch"],
                 ["path", "items", "epoch_s", "steps", "teacher_topk_once_s", "speedup_vs_online_kl",
                  "speedup_10_epochs_incl_teacher"])
-    print("saved", save_results(args.name, rows))
+    print("saved", save_results(args.name, rows, args.save))
     return 0
 
 
