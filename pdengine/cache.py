@@ -80,7 +80,7 @@ class TeacherCache(DataSource):
         settings they were made with (the path is informative only)."""
         m = self.manifest
         content = hashlib.sha256("".join(entry["sha256"] for entry in m["shards"]).encode())
-        return {"path": str(self.path), "items": len(self), "k": m["k"], "temperature": m["temperature"],
+        return {"path": str(self.path.resolve()), "items": len(self), "k": m["k"], "temperature": m["temperature"],
                 "vocab_size": m["vocab_size"], "student_sees_document": m["student_sees_document"],
                 "model_fingerprint": m["model"]["fingerprint"], "content": content.hexdigest()[:32]}
 
