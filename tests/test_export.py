@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import QA_WORDS, qa_tokenizer, tiny_model
+from helpers import QA_WORDS, WORD_CHAT, qa_tokenizer, tiny_model
 from pdengine import export as X
 from pdengine.errors import InputError
 from pdengine.lora import add_lora, save_adapter
@@ -69,7 +69,7 @@ def test_merged_export_reloads_with_the_adapters_outputs(tmp_path, case):
         assert config["tie_word_embeddings"] is False
         assert merged.lm_head.weight is not merged.model.embed_tokens.weight
     assert (tmp_path / "merged" / "model.safetensors").is_file()
-    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == WORD_CHAT
     assert not (tmp_path / ".merged.partial").exists()
 
 
