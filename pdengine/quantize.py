@@ -10,7 +10,7 @@
 - `dequantize_nf4`: bitsandbytes' NF4 layout decoded in plain torch (bit-exact with
   `bitsandbytes.functional.dequantize_4bit`; the specification of the Triton kernel).
 - `quantization_identity`: what a model fingerprint records about the quantization.
-- `QuantizedLoRALinear`: a LoRA layer on a `bnb.nn.Linear4bit` / `Linear8bitLt` base.
+LoRA on such a base (and quantizing a model in memory) is `pdengine/qlora.py`.
 """
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def prepare_loaded_model(model, device):
     if not is_quantized_model(model):
         return model.to(device)
     disable_cpu_repacking(model)
+    pin_int8_forward(model)
     if torch.device(device).type == "cpu":
         refuse_misdecoded_cpu_shapes(model)
     return model
@@ -136,7 +137,7 @@ def refuse_misdecoded_cpu_shapes(model) -> None:
     flat element; tests/test_quantize.py shows it): its forward, the teacher's, would then
     not be the quantized weight. Real checkpoints have d_in a multiple of 64; refuse others."""
     for name, module in model.named_modules():
-        if _is_linear4bit(module) and module.in_features % module.weight.quant_state.blocksize:
+        if is_linear4bit(module) and module.in_features % module.weight.quant_state.blocksize:
             raise InputError(f"{name}: in_features {module.in_features} is not a multiple of the NF4 blocksize "
                              f"{module.weight.quant_state.blocksize}, which bitsandbytes' CPU kernels decode wrongly; "
                              "use --quantize int8, or a GPU")
@@ -154,7 +155,7 @@ def disable_cpu_repacking(model) -> int:
     """
     count = 0
     for module in model.modules():
-        if _is_linear4bit(module):
+        if is_linear4bit(module):
             if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
                 raise RuntimeError("a Linear4bit weight was repacked for the CPU before the guard ran")
             module.support_avx512bf16_for_cpu = False
@@ -162,19 +163,68 @@ def disable_cpu_repacking(model) -> int:
     return count
 
 
-def _is_linear4bit(module) -> bool:
+def pin_int8_forward(model) -> int:
+    """Give every `Linear8bitLt` of `model` one function in every mode and on every device.
+
+    bitsandbytes' own int8 forward changes with the mode: on the CPU, eval runs LLM.int8
+    (x quantized to int8, fp16 outlier columns) and training runs dequantize-then-matmul,
+    about 0.5 % apart; on CUDA both run LLM.int8. The teacher (eval) and the student's base
+    (training) would then be different functions. Pinned, the layer always computes
+    `x (CB * SCB / 127)^T (+ bias)` through `_Int8DequantizedMatmul` (the weight decoded in
+    the forward and again in the backward, never kept). Returns the number of layers pinned.
+    """
+    count = 0
+    for module in model.modules():
+        if is_linear8bit(module) and not isinstance(module, _pinned_int8_class()):
+            module.__class__ = _pinned_int8_class()
+            count += 1
+    return count
+
+
+class _Int8DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T (+ bias), W = CB * SCB / 127 decoded from the int8 layer in both passes."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return nn.functional.linear(x, dequantize_weight(layer, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ dequantize_weight(ctx.layer, grad_out.dtype), None, None
+
+
+_PINNED_INT8 = None
+
+
+def _pinned_int8_class():
+    """`bnb.nn.Linear8bitLt` with its forward pinned (built once, when bitsandbytes is loaded)."""
+    global _PINNED_INT8
+    if _PINNED_INT8 is None:
+        bnb = import_bitsandbytes()
+
+        class PinnedLinear8bitLt(bnb.nn.Linear8bitLt):
+            def forward(self, x):
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return _Int8DequantizedMatmul.apply(x, self, bias)
+
+        _PINNED_INT8 = PinnedLinear8bitLt
+    return _PINNED_INT8
+
+
+def is_linear4bit(module) -> bool:
     bnb = _bnb_if_loaded()
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
-def _is_linear8bit(module) -> bool:
+def is_linear8bit(module) -> bool:
     bnb = _bnb_if_loaded()
     return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
 
 
 def is_quantized_linear(module) -> bool:
     """A bitsandbytes 4-bit or 8-bit linear layer."""
-    return _is_linear4bit(module) or _is_linear8bit(module)
+    return is_linear4bit(module) or is_linear8bit(module)
 
 
 def _bnb_if_loaded():
@@ -193,11 +243,11 @@ def quantization_identity(model) -> dict | None:
     the method and its layout, not the compute dtype (a CPU fp32 and a GPU bf16 copy of
     one NF4 checkpoint are the same model, as for unquantized dtypes). None when plain."""
     for module in model.modules():
-        if _is_linear4bit(module):
+        if is_linear4bit(module):
             state = module.weight.quant_state
             return {"method": f"bitsandbytes-{state.quant_type}", "blocksize": int(state.blocksize),
                     "double_quant": bool(state.nested)}
-        if _is_linear8bit(module):
+        if is_linear8bit(module):
             return {"method": "bitsandbytes-int8", "threshold": float(module.state.threshold)}
     return None
 
@@ -277,7 +327,7 @@ def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype | None = None) -> torch
 
 def dequantize_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight of a bitsandbytes layer (what its own matmul multiplies by)."""
-    if _is_linear4bit(layer):
+    if is_linear4bit(layer):
         return dequantize_nf4(nf4_weight(layer), dtype)
     cb, scb = _int8_state(layer)
     return (cb.float() * (scb.float()[:, None] / 127.0)).to(dtype)
@@ -289,79 +339,3 @@ def _int8_state(layer):
     if getattr(layer.weight, "SCB", None) is not None:
         return layer.weight.data, layer.weight.SCB
     return layer.state.CB, layer.state.SCB
-
-
-def refuse_quantized_merge(model) -> None:
-    """merge_adapter cannot fold a LoRA into a 4/8-bit weight without requantizing it
-    (which would change the base the adapter was trained against): InputError."""
-    names = [n for n, m in model.named_modules() if is_quantized_linear(getattr(m, "base_layer", None))]
-    if names:
-        raise InputError(f"cannot merge a LoRA adapter into a quantized base ({len(names)} layers, e.g. {names[0]}): "
-                         "save the adapter instead, or load the base without --quantize and merge there")
-
-
-
-# ------------------------------------------------------------- LoRA on a quantized base
-
-
-def quantized_lora_class(base):
-    """The LoRA layer class for `base` when it is a bitsandbytes layer, else None
-    (`pdengine.lora.add_lora` asks this before wrapping an nn.Linear)."""
-    return QuantizedLoRALinear if is_quantized_linear(base) else None
-
-
-def _lora_base():
-    from pdengine.lora import LoRALinear  # lazy: pdengine.lora asks quantized_lora_class
-
-    return LoRALinear
-
-
-class QuantizedLoRALinear(_lora_base()):
-    """LoRA on a frozen `bnb.nn.Linear4bit` (NF4) or `Linear8bitLt` base, PEFT's names
-    (`lora_A.weight [r, in]`, `lora_B.weight [out, r]`), adapters in fp32 (bf16 compute).
-
-    NF4: `y = x Wq^T (+ bias) + s (dropout(x) A^T) B^T` through `lora_linear_nf4`, which
-    dequantizes the packed weight in the forward and again in the backward (dx), so no
-    dense copy of any layer outlives its matmul; on CUDA tile by tile inside the GEMM.
-    int8: the base term is bitsandbytes' own LLM.int8 matmul (it quantizes x to int8 with
-    fp16 outlier columns, so `x W^T` with a dequantized W would not be the teacher's base;
-    its backward gives dx through the dequantized weight), plus the low-rank term in torch.
-    """
-
-    def __init__(self, base, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        nn.Module.__init__(self)
-        self._init_lora(base, r, alpha, dropout, rslora)
-        compute = getattr(base, "compute_dtype", None) or compute_dtype_for(base.weight.device)
-        kw = {"device": base.weight.device,
-              "dtype": torch.float32 if compute in (torch.float16, torch.bfloat16) else compute}
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default
-        nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x):
-        base = self.base_layer
-        if self.disabled:
-            return base(x)
-        p = self.lora_dropout if self.training else 0.0
-        if _is_linear4bit(base):
-            from pdengine.ops.lora_linear_nf4 import lora_linear_nf4
-
-            compute = base.compute_dtype or x.dtype
-            bias = None if base.bias is None else base.bias.to(compute)
-            y = lora_linear_nf4(x.to(compute), nf4_weight(base), self.lora_A.weight, self.lora_B.weight,
-                                self.scale, bias, p)
-            return y.to(x.dtype)
-        return base(x) + self._low_rank(x, p).to(x.dtype)
-
-    def _low_rank(self, x, p):
-        """s * B(A(dropout(x))) with the engine's keep-mask (`reference.dropout_keep_mask`)."""
-        from pdengine import reference
-        from pdengine.ops.lora_linear import draw_seed
-
-        a = self.lora_A.weight
-        xd = x.to(a.dtype)
-        if p > 0:
-            keep = reference.dropout_keep_mask(x.shape, p, draw_seed(), device=x.device)
-            xd = torch.where(keep, xd / (1 - p), torch.zeros_like(xd))
-        return self.scale * (xd @ a.T) @ self.lora_B.weight.T

@@ -1,10 +1,12 @@
-"""A quantized frozen base (pdengine/quantize.py): configs, loading checks, the AVX512-BF16
-guard, NF4 decoding bit-exact with bitsandbytes, LoRA gradients on NF4 / int8 bases."""
+"""A quantized frozen base (pdengine/quantize.py, pdengine/qlora.py): configs, loading
+checks, the AVX512-BF16 guard, NF4 decoding bit-exact with bitsandbytes, LoRA gradients on
+NF4 / int8 bases, quantizing in memory."""
 import sys
 
 import pytest
 import torch
 
+from pdengine import qlora
 from pdengine import quantize as Q
 from pdengine.errors import InputError
 from pdengine.lora import LoRALinear, add_lora
@@ -53,7 +55,7 @@ def _wrap_quantized(model, r=4, alpha=8.0, dropout=0.0):
     for name, module in list(model.named_modules()):
         if Q.is_quantized_linear(module):
             parent, _, child = name.rpartition(".")
-            layer = Q.QuantizedLoRALinear(module, r, alpha, dropout)
+            layer = qlora.QuantizedLoRALinear(module, r, alpha, dropout)
             torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
             setattr(model.get_submodule(parent), child, layer)
     return model
@@ -63,7 +65,7 @@ def _dense_twin(path, quantized):
     """The float32 model holding the dequantized weights of `quantized`, with the same
     LoRA factors on the same modules (pdengine.lora.LoRALinear)."""
     model = _load(path, None)
-    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, Q.QuantizedLoRALinear)}
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, qlora.QuantizedLoRALinear)}
     add_lora(model, 4, 8.0, 0.0, target_modules=[n.rpartition(".")[2] for n in layers])
     with torch.no_grad():
         for name, layer in layers.items():
@@ -138,8 +140,8 @@ def test_prequantized_checkpoint(checkpoint, tmp_path):
 def test_merge_into_quantized_base_is_refused(checkpoint):
     model = _wrap_quantized(_load(checkpoint, "nf4"))
     with pytest.raises(InputError, match="cannot merge a LoRA adapter into a quantized base"):
-        Q.refuse_quantized_merge(model)
-    Q.refuse_quantized_merge(add_lora(_load(checkpoint, None), 2, 4.0))  # a plain base is fine
+        qlora.refuse_quantized_merge(model)
+    qlora.refuse_quantized_merge(add_lora(_load(checkpoint, None), 2, 4.0))  # a plain base is fine
 
 
 # ---------------------------------------------------------------- NF4 decoding
@@ -228,12 +230,28 @@ def test_trap_still_exists_without_the_guard(checkpoint):
 # -------------------------------------------------------------------------- int8
 
 
+def test_int8_forward_is_one_function_in_train_and_eval(checkpoint):
+    """bitsandbytes' CPU int8 forward is LLM.int8 in eval and dequantize-then-matmul in
+    training; the pinned layers compute the latter in both modes (teacher = student base)."""
+    model = _load(checkpoint, "int8")
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(6, 64) * 3
+    with torch.no_grad():
+        eval_out = layer.eval()(x)
+        train_out = layer.train()(x)
+    assert torch.equal(eval_out, train_out)
+    assert _rel(eval_out, x @ Q.dequantize_weight(layer, torch.float32).T) < 1e-6
+    unpinned = bnb.nn.Linear8bitLt.forward
+    with torch.no_grad():
+        assert _rel(unpinned(layer.eval(), x), unpinned(layer.train(), x)) > 1e-4  # why it is pinned
+
+
 def test_int8_lora_layer(checkpoint):
-    """int8: the base term is bitsandbytes' own matmul (the teacher's), dx flows through
-    it, and the low-rank term is s B A x."""
+    """int8: the base term is the pinned layer's own (the teacher's), dx flows through it,
+    and the low-rank term is s B A x."""
     model = _load(checkpoint, "int8")
     base = model.model.layers[0].self_attn.q_proj
-    layer = Q.QuantizedLoRALinear(base, 4, 8.0)
+    layer = qlora.QuantizedLoRALinear(base, 4, 8.0)
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(5, 64, requires_grad=True)
     y = layer(x)
@@ -267,3 +285,35 @@ def test_cpu_kernel_misdecodes_partial_row_blocks(tmp_path):
     tiny_model("llama", seed=3, **dict(MODEL, hidden_size=48)).save_pretrained(tmp_path / "m48")
     with pytest.raises(InputError, match="in_features 48 is not a multiple of the NF4 blocksize 64"):
         _load(tmp_path / "m48", "nf4")
+
+
+# ------------------------------------------------------------- quantizing in memory
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantize_model_in_memory_equals_loading(checkpoint, quantize):
+    """quantize_model on the dense model = from_pretrained with bnb_config: the same bytes."""
+    loaded = _load(checkpoint, quantize)
+    converted = qlora.quantize_model(_load(checkpoint, None), quantize)
+    want = {n: m for n, m in loaded.named_modules() if Q.is_quantized_linear(m)}
+    got = {n: m for n, m in converted.named_modules() if Q.is_quantized_linear(m)}
+    assert set(got) == set(want) and len(got) == 14
+    assert type(converted.lm_head) is torch.nn.Linear
+    for name, layer in got.items():
+        assert type(layer) is type(want[name])
+        assert torch.equal(Q.dequantize_weight(layer, torch.float32), Q.dequantize_weight(want[name], torch.float32))
+    ids = _batch()
+    with torch.no_grad():
+        assert _rel(converted(input_ids=ids).logits, loaded(input_ids=ids).logits) < 1e-6
+    assert Q.quantization_identity(converted) == Q.quantization_identity(loaded)
+
+
+def test_quantize_model_keeps_lora_adapters(checkpoint):
+    model = add_lora(_load(checkpoint, None), 4, 8.0, lm_head=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    qlora.quantize_model(model, "nf4")
+    after = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+    layers = [m for m in model.modules() if isinstance(m, qlora.QuantizedLoRALinear)]
+    assert len(layers) == 14 and type(model.lm_head) is LoRALinear  # the output layer stays dense
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
