@@ -232,7 +232,8 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
     `settings` is an `AnswerConfig`; keyword `overrides` replace its fields. Returns
     `[{"doc_id", "question", "answer", "answer_ids"}]`, the answers of each question
     together, in question order. `answer_ids` are the sampled ids without end of turn or
-    padding; `answer` is their decoded text. Empty answers are dropped (counted on stderr).
+    padding; `answer` is their decoded text. Empty answers are dropped and answers cut off
+    by max_new_tokens counted (dropped too unless `keep_truncated`), one line on stderr.
     """
     cfg = generation.resolve_settings(AnswerConfig, settings, overrides)
     docs = index_documents(documents)
@@ -264,6 +265,7 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
 def add_generate_arguments(parser) -> None:
     """Options of `pdengine generate`."""
     generation.add_model_arguments(parser, out_help="output questions JSONL")
+    parser.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     C.add_arguments(parser, GenerateConfig)
 
 
@@ -275,11 +277,19 @@ def add_answer_arguments(parser) -> None:
     C.add_arguments(parser, AnswerConfig)
 
 
+def _refuse_overwrite(args) -> None:
+    """An existing --out (questions or answers that took a model run to make) is replaced
+    only with --force; checked before any model loads."""
+    if Path(args.out).exists() and not getattr(args, "force", False):
+        raise InputError(f"--out {args.out} exists already; pass --force to overwrite it")
+
+
 def run_generate(args) -> int:
     """`pdengine generate`: documents JSONL -> questions JSONL."""
     from pdengine.io import read_jsonl, write_jsonl
 
     cfg = C.from_args(GenerateConfig, args)
+    _refuse_overwrite(args)
     documents = read_jsonl(args.documents, required=("id", "text"))
     index_documents(documents, args.documents)  # bad documents fail before the model loads
     question_prompt_text(cfg.prompt)
@@ -297,8 +307,7 @@ def run_answer(args) -> int:
     from pdengine.io import read_jsonl, write_jsonl
 
     cfg = C.from_args(AnswerConfig, args)
-    if Path(args.out).exists() and not args.force:
-        raise InputError(f"--out {args.out} exists already; pass --force to overwrite it")
+    _refuse_overwrite(args)
     documents = read_jsonl(args.documents, required=("id", "text"))
     questions = read_jsonl(args.questions, required=("doc_id", "question"))
     docs = index_documents(documents, args.documents)

@@ -251,6 +251,15 @@ def test_answer_refuses_to_overwrite_without_force(files, capsys):
     assert json.loads(out.read_text())["answer_ids"] == [9, 22, 9]  # the tiny model's greedy answer
 
 
+def test_generate_refuses_to_overwrite_without_force(files, capsys):
+    tmp, common = files
+    (tmp / "o.jsonl").write_text("precious\n")
+    argv = ["generate", *common, "--out", str(tmp / "o.jsonl"), "--n-questions", "1", "--max-new-tokens", "4"]
+    assert cli.main(argv) == 2
+    assert "exists already; pass --force" in capsys.readouterr().err
+    assert (tmp / "o.jsonl").read_text() == "precious\n"
+
+
 def test_generate_refuses_bad_documents_before_loading(files, capsys):
     tmp, common = files
     (tmp / "docs.jsonl").write_text(json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": "a", "text": "y"}))
