@@ -60,7 +60,7 @@ class EvalConfig(ModelStageSettings):
         "methods to run besides the adapters: closed_book, open_book, rag, pd_rag ('' for adapters only; "
         "pd_rag needs an adapter named prompt_distillation)",
         check=Check(lambda v: set(v) <= set(METHOD_NAMES), "a subset of " + ", ".join(METHOD_NAMES)))
-    judge_model: str | None = setting(None, "local causal-LM directory used as a yes/no judge")
+    judge_model: str | None = setting(None, "local causal-LM directory used as a yes/no judge; auto = no judge")
     max_new_tokens: int = setting(64, "tokens per answer at most", check=POSITIVE)
     rag_top_n: int = setting(3, "BM25 passages put in the RAG prompt", check=POSITIVE)
     passage_words: int = setting(200, "words per BM25 passage", check=POSITIVE)
