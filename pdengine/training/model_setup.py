@@ -22,9 +22,9 @@ def _is_peft_model(model) -> bool:
 
 
 def _has_lora(model) -> bool:
-    from pdengine.lora import lora_modules
-
-    return bool(lora_modules(model))
+    # By parameter name, like the freezing below: any LoRA layer kind (plain, on a
+    # quantized base, ...) counts, and its parameters are the ones trained.
+    return any("lora_" in name for name, _ in model.named_parameters())
 
 
 def prepare_model(model, config: TrainConfig) -> dict:
