@@ -48,6 +48,7 @@ class Job:
     # False: a lighter flag set of a config also compiled with every flag on (--worst-case
     # skips it; the report shows the lighter sets never need more registers)
     worst_case: bool = True
+    options: dict = field(default_factory=dict)  # extra compile options the launcher passes
 
 
 def _loss_jobs():
@@ -150,8 +151,30 @@ def _lora_jobs():
     return jobs
 
 
+def _nf4_jobs():
+    """The NF4 base-weight LoRA GEMM (kernels/lora_linear_nf4.py), nested absmax."""
+    import torch
+
+    from pdengine.kernels import lora_linear_nf4 as K
+
+    jobs = []
+    for dtype, elem in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+        for drop in (False, True):
+            bm, bn, bk, warps, stages = K._tiles(dtype, True)
+            if drop:
+                bn //= 2  # as _nf4_gemm does
+            consts = dict(NESTED=True, W_DTYPE=elem[1:], HAS_BIAS=True, DROP_OUT=drop, IEEE=dtype == torch.float32,
+                          ACC_DTYPE="fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=bk, GROUP_M=8)
+            ptrs = {p: elem for p in ("a1_ptr", "a2_ptr", "b2_ptr", "c_ptr", "bias_ptr")}
+            ptrs.update(packed_ptr="*u8", absmax_ptr="*u8")
+            jobs.append(Job(f"_nf4_extended_k_kernel {elem[1:]} DROP_OUT={int(drop)}", "lora_linear_nf4",
+                            "_nf4_extended_k_kernel", consts, warps, stages, ptrs, ("inv_keep",),
+                            options=dict(enable_fp_fusion=False)))
+    return jobs
+
+
 def all_jobs():
-    return _loss_jobs() + _topk_jobs() + _lora_jobs()
+    return _loss_jobs() + _topk_jobs() + _lora_jobs() + _nf4_jobs()
 
 
 # ------------------------------------------------------------------------- compiling
@@ -172,7 +195,8 @@ def _signature(fn, job):
 def _constexpr_values(job):
     import triton.language as tl
 
-    return {k: (getattr(tl, "float32") if v == "fp32" else v) for k, v in job.constexprs.items()}
+    dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    return {k: dtypes.get(v, v) if isinstance(v, str) else v for k, v in job.constexprs.items()}
 
 
 _PTXAS_LINE = re.compile(r"Used (\d+) registers")
@@ -224,7 +248,7 @@ def compile_job(job: Job) -> dict:
     src = ASTSource(fn=fn, signature=_signature(fn, job),
                     constexprs={(fn.arg_names.index(k),): v for k, v in _constexpr_values(job).items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+                              options=dict(num_warps=job.num_warps, num_stages=job.num_stages, **job.options))
     row = {"label": job.label, "kernel": job.kernel, "num_warps": job.num_warps,
            "num_stages": job.num_stages,
            "blocks": {k: v for k, v in job.constexprs.items() if k.startswith("BLOCK") or k == "K"}}

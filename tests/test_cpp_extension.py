@@ -24,11 +24,12 @@ if not _library.HAS_CPP:
 
 
 def test_cpp_kernels_are_registered_on_the_python_schemas():
-    """Every op of _library.SCHEMAS has exactly its Python schema and a C++ CPU kernel, and
-    no other pdengine op exists (csrc/ops.cpp defines no schema of its own)."""
+    """Every op of _library.SCHEMAS has exactly its Python schema and a C++ CPU kernel
+    (csrc/ops.cpp defines no schema of its own; ops without a C++ kernel, such as
+    lora_linear_nf4, define theirs in their own front-end)."""
     registered = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("pdengine::")}
-    assert registered == set(_library.SCHEMAS)
+    assert set(_library.SCHEMAS) <= registered
     for name, schema in _library.SCHEMAS.items():
         op_schema = getattr(torch.ops.pdengine, name).default._schema
         assert str(op_schema) == str(torch._C.parse_schema(f"pdengine::{schema}")), name
