@@ -27,9 +27,9 @@ setup_env() {
     say "installing triton"
     "$PY" -m pip install -q triton
   fi
-  if ! "$PY" -c "import setuptools, wheel, ninja, transformers, safetensors, numpy, pytest, tqdm, yaml, peft, matplotlib, bm25s" 2>/dev/null; then
+  if ! "$PY" -c "import setuptools, wheel, ninja, transformers, safetensors, numpy, pytest, tqdm, yaml, peft, matplotlib, bm25s, bitsandbytes" 2>/dev/null; then
     say "installing dependencies"
-    "$PY" -m pip install -q setuptools wheel ninja transformers safetensors numpy pytest tqdm pyyaml peft matplotlib bm25s
+    "$PY" -m pip install -q setuptools wheel ninja transformers safetensors numpy pytest tqdm pyyaml peft matplotlib bm25s bitsandbytes
   fi
   # Rebuild the package (and its C++ extension) only when its sources changed.
   local stamp="$VENV/.pdengine-build-stamp" want
