@@ -1,6 +1,6 @@
 """The `pdengine` command line.
 
-    pdengine generate | answer | prefill | train | eval | demo   one stage (see --help of each)
+    pdengine chunk | generate | answer | prefill | train | eval | demo   one stage (see --help of each)
     pdengine run --config F.yaml|.toml [--force [STAGE]]           the whole pipeline, resumable
     pdengine bench [NAME [ARGS...]]                                run bench/NAME.py
 
@@ -27,6 +27,8 @@ from pdengine.errors import CommandError, InputError
 
 # command -> (module, add-arguments function, run function, one-line help)
 STAGE_COMMANDS = {
+    "chunk": ("pdengine.chunking", "add_arguments", "run",
+              "split documents longer than --chunk-tokens into chunks ID#0, ID#1, ..."),
     "generate": ("pdengine.qa", "add_generate_arguments", "run_generate",
                  "the model writes questions about each document"),
     "answer": ("pdengine.qa", "add_answer_arguments", "run_answer",
@@ -101,7 +103,8 @@ def _add_run_parser(sub) -> None:
     from pdengine.pipeline import PIPELINE
 
     run = sub.add_parser(
-        "run", help="the whole pipeline (generate -> answer -> prefill -> train -> eval) from a config file",
+        "run", help="the whole pipeline (chunk -> generate -> answer -> prefill -> replay -> train -> eval) "
+               "from a config file",
         description=_RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", required=True, help="YAML (.yaml/.yml) or TOML (.toml) file")
     run.add_argument("--force", nargs="?", const=PIPELINE[0], default=None, choices=PIPELINE, metavar="STAGE",
@@ -123,19 +126,29 @@ Run the pipeline from one config file. Paths are relative to the current directo
   out: runs/my-run                 # required: questions.jsonl, qa.jsonl, cache/, train/, eval/
   eval_questions: data/eval.jsonl  # {doc_id, question, answer}; without it eval is skipped
   device: cuda                     # optional, every stage
+  attn_implementation: auto        # optional, every stage: auto, sdpa, eager, flash_attention_2, flex_attention
+  quantize: none                   # optional, every stage: none, nf4, int8 (a bitsandbytes base)
   system: "You are ..."            # optional system prompt, every stage (keeps prompts identical)
   stages: [generate, answer, prefill, train, eval]   # optional subset
+  chunk: {chunk_tokens: 1024, overlap_tokens: 64}  # optional: split longer documents first
   generate: {n_questions: 30, per_call: 5}   # settings of `pdengine generate` (- or _)
   answer: {n_answers: 1, temperature: 1.5}   # settings of `pdengine answer`
   prefill: {k: 64}                           # settings of `pdengine prefill`
+  replay: {k: 64}                            # the replay cache's prefill (default: prefill's settings)
   train: {epochs: 10, loss: pd}              # settings of `pdengine train`
   eval: {methods: [closed_book, open_book, rag]}   # settings of `pdengine eval`
+
+The stages run in the order chunk, generate, answer, prefill, replay, train, eval.
+chunk runs only with a chunk section (documents longer than chunk_tokens become ID#0,
+ID#1, ... in OUT/documents.jsonl, which every later stage reads); replay runs only when
+train.replay_fraction > 0: a second prefill of the same QA pairs with the document in the
+student's prompt, into OUT/replay_cache, mixed into training.
 
 Every section is checked before the first stage starts. A stage that finished (its
 output plus a done marker in OUT/.pdengine/) with the same settings and the same input
 CONTENTS (the model directory, documents and eval questions are hashed; each file once
 until its size or mtime changes) is skipped; a changed setting or an edited input reruns
-that stage and the later ones; an interrupted prefill or training resumes. --force
+that stage and the later ones; an interrupted prefill, replay or training resumes. --force
 redoes (and, for train, deletes OUT/train first). One `pdengine run` at a time writes OUT.
 """
 

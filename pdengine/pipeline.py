@@ -1,5 +1,12 @@
-"""`pdengine run`: the whole pipeline (generate -> answer -> prefill -> train -> eval) from
-one config file, resumable.
+"""`pdengine run`: the whole pipeline (chunk -> generate -> answer -> prefill -> replay ->
+train -> eval) from one config file, resumable.
+
+Two stages are optional: `chunk` runs when the config has a `chunk:` section (long
+documents split, pdengine/chunking.py; every later stage reads OUT/documents.jsonl), and
+`replay` (a second prefill of the same QA pairs with the document in the student's prompt,
+into OUT/replay_cache, given to train as its replay cache) runs when
+`train.replay_fraction > 0`. The top-level `device`, `attn_implementation` and `quantize`
+go to every stage that loads a model.
 
 Every stage's section is checked before the first stage starts: each stage names its
 settings dataclass (`STAGE_CONFIGS`), and `pdengine.config.from_mapping` builds it from the
@@ -26,24 +33,35 @@ from pathlib import Path
 from pdengine import config as C
 from pdengine.errors import CommandError, InputError
 
-PIPELINE = ("generate", "answer", "prefill", "train", "eval")
-TOP_LEVEL_KEYS = ("model", "documents", "out", "eval_questions", "device", "system", "stages")
+PIPELINE = ("chunk", "generate", "answer", "prefill", "replay", "train", "eval")
+TOP_LEVEL_KEYS = ("model", "documents", "out", "eval_questions", "device", "attn_implementation", "quantize",
+                  "system", "stages")
+# How every model-loading stage loads its model (pdengine.loading.add_model_arguments):
+# top-level key -> the value meaning "nothing asked" (a stage whose command lacks the flag
+# may then run without it; asking for more is refused rather than silently dropped).
+MODEL_OPTIONS = {"device": None, "attn_implementation": "auto", "quantize": "none"}
+OPTIONAL_STAGES = ("chunk", "replay")  # run only when configured (see the module docstring)
 ADAPTER_NAMES = {"pd": "prompt_distillation", "sft": "sft", "online_kl": "online_kl"}
 # stage -> (module, its settings dataclass)
 STAGE_CONFIGS = {
+    "chunk": ("pdengine.chunking", "ChunkConfig"),
     "generate": ("pdengine.qa", "GenerateConfig"),
     "answer": ("pdengine.qa", "AnswerConfig"),
     "prefill": ("pdengine.prefill", "PrefillConfig"),
+    "replay": ("pdengine.prefill", "PrefillConfig"),
     "train": ("pdengine.train", "TrainConfig"),
     "eval": ("pdengine.evaluate", "EvalConfig"),
 }
+COMMANDS = {"replay": "prefill"}  # a stage run by another stage's command
 # Section keys that are options of the stage's command but not settings (paths): name -> list?
 EXTRA_KEYS = {"train": {"replay_cache": False}, "eval": {"adapter": True}}
 # Options the pipeline sets itself (on the stage's namespace); a section cannot set them.
-CONTROLLED = {"generate": ("force",), "answer": ("force",), "prefill": ("force",), "train": ("resume",)}
+CONTROLLED = {"generate": ("force",), "answer": ("force",), "prefill": ("force",), "replay": ("force",),
+              "train": ("resume",)}
+RESUMABLE = ("prefill", "replay")  # an interrupted cache is continued, not overwritten
 # What a finished stage leaves behind (relative to OUT).
-STAGE_OUTPUT = {"generate": "questions.jsonl", "answer": "qa.jsonl", "prefill": "cache",
-                "train": "train/adapter", "eval": "eval/report.json"}
+STAGE_OUTPUT = {"chunk": "documents.jsonl", "generate": "questions.jsonl", "answer": "qa.jsonl", "prefill": "cache",
+                "replay": "replay_cache", "train": "train/adapter", "eval": "eval/report.json"}
 # Options whose values name input files or directories (their contents are fingerprinted).
 PATH_OPTIONS = ("model", "documents", "questions", "qa", "cache", "replay_cache", "judge_model")
 
@@ -101,10 +119,11 @@ def check_top_level(config: dict) -> list[str]:
     missing = [k for k in ("model", "documents", "out") if not config.get(k)]
     if missing:
         raise InputError(f"config: missing required key(s) {missing}")
-    for key in ("model", "documents", "out", "eval_questions", "device", "system"):
+    for key in ("model", "documents", "out", "eval_questions", *MODEL_OPTIONS, "system"):
         if config.get(key) is not None and not isinstance(config[key], str):
             raise InputError(f"config: {key} must be a string, got {config[key]!r}")
-    stages = config.get("stages") or list(PIPELINE)
+    _check_model_options(config)
+    stages = config.get("stages") or [s for s in PIPELINE if s not in OPTIONAL_STAGES or s in config]
     if isinstance(stages, str):
         stages = [s.strip() for s in stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in PIPELINE]
@@ -116,21 +135,54 @@ def check_top_level(config: dict) -> list[str]:
     return [s for s in PIPELINE if s in stages]
 
 
+def _check_model_options(config: dict) -> None:
+    from pdengine.attention import CHOICES
+    from pdengine.quantize import QUANTIZE_CHOICES
+
+    for key, choices in (("attn_implementation", CHOICES), ("quantize", QUANTIZE_CHOICES)):
+        if config.get(key) is not None and config[key] not in choices:
+            raise InputError(f"config: {key} must be one of {', '.join(choices)}; got {config[key]!r}")
+
+
+def replay_wanted(config: dict) -> bool:
+    """The replay stage has work to do: train mixes in a replay cache that the config does
+    not name itself (`train.replay_cache`)."""
+    train = config.get("train") or {}
+    fraction = train.get("replay_fraction", train.get("replay-fraction", 0)) or 0
+    named = train.get("replay_cache", train.get("replay-cache"))
+    return isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction > 0 and not named
+
+
+def active_stages(config: dict, stages: list[str]) -> list[str]:
+    """`stages` less the replay stage when it has nothing to do (said once on stderr)."""
+    if "replay" in stages and not replay_wanted(config):
+        _say("replay: skipped (train.replay_fraction is 0, or train names its own replay_cache)")
+        return [s for s in stages if s != "replay"]
+    return stages
+
+
 def wiring(config: dict, stages: list[str]) -> dict[str, dict]:
     """What the pipeline passes to each stage (option -> value): the files that link the
-    stages, the model, device and system prompt. A section cannot set these."""
+    stages, the model, how to load it, and the system prompt. A section cannot set these."""
     out = Path(config["out"])
-    common = {"model": config["model"], "device": config.get("device")}
-    prompts = {**common, "system": config.get("system"), "documents": config["documents"]}
+    common = {"model": config["model"], **{key: config.get(key) for key in MODEL_OPTIONS}}
+    documents = out / STAGE_OUTPUT["chunk"] if "chunk" in stages else config["documents"]
+    prompts = {**common, "system": config.get("system"), "documents": documents}
     adapters = []
     if "train" in stages:
         loss = str((config.get("train") or {}).get("loss", "pd"))
         adapters.append(f"{ADAPTER_NAMES.get(loss, loss)}={out / 'train' / 'adapter'}")
+    train = {**common, "cache": out / "cache", "out": out / "train"}
+    if "replay" in stages:
+        train["replay_cache"] = out / STAGE_OUTPUT["replay"]
     return {
+        "chunk": {"model": config["model"], "documents": config["documents"], "out": documents},
         "generate": {**prompts, "out": out / "questions.jsonl"},
         "answer": {**prompts, "questions": out / "questions.jsonl", "out": out / "qa.jsonl"},
         "prefill": {**prompts, "qa": out / "qa.jsonl", "out": out / "cache"},
-        "train": {**common, "cache": out / "cache", "out": out / "train"},
+        "replay": {**prompts, "qa": out / "qa.jsonl", "out": out / STAGE_OUTPUT["replay"],
+                   "student_sees_document": True},
+        "train": train,
         "eval": {**prompts, "questions": config.get("eval_questions"), "out": out / "eval", "adapter": adapters},
     }
 
@@ -204,16 +256,17 @@ def plan_stage(stage: str, config: dict, wired: dict) -> StagePlan:
     from pdengine.cli import stage_functions
 
     cls = config_class(stage)
-    settings_section, extras = _split_section(stage, _legacy_keys(cls, config.get(stage) or {}), wired)
+    settings_section, extras = _split_section(stage, _legacy_keys(cls, _section(config, stage)), wired)
     wired = dict(wired)
     overrides = {name: wired[name] for name in C.field_names(cls) if name in wired}  # e.g. prefill's system
     settings = C.from_mapping(cls, settings_section, stage, **overrides)
     for name, value in extras.items():
         value = _extra_value(stage, name, value)
         wired[name] = [*wired.get(name, []), *value] if isinstance(value, list) else value
-    add_arguments, run = stage_functions(stage)
+    add_arguments, run = stage_functions(COMMANDS.get(stage, stage))
     parser = _RaisingParser(prog=f"pdengine {stage}", add_help=False)
     add_arguments(parser)
+    wired = _model_options_for(stage, parser, wired)
     try:
         namespace = parser.parse_args(_wiring_argv({k: v for k, v in wired.items() if k not in overrides}))
     except InputError as e:
@@ -221,6 +274,31 @@ def plan_stage(stage: str, config: dict, wired: dict) -> StagePlan:
     for name in C.field_names(cls):
         setattr(namespace, name, getattr(settings, name))
     return StagePlan(stage, settings, namespace, run, inputs=_external_inputs(wired, settings, config["out"]))
+
+
+def _section(config: dict, stage: str) -> dict:
+    """A stage's section; replay's starts from prefill's (the same teacher settings, k and
+    temperature, so its cache can be mixed with the main one), its own keys on top."""
+    section = dict(config.get(stage) or {})
+    if stage == "replay":
+        inherited = {k: v for k, v in (config.get("prefill") or {}).items()
+                     if str(k).replace("-", "_") != "student_sees_document"}
+        section = {**inherited, **section}
+    return section
+
+
+def _model_options_for(stage: str, parser, wired: dict) -> dict:
+    """`wired` without the model-loading options the stage's command does not take; one
+    asked for explicitly there is an InputError (it would be silently ignored)."""
+    known = {action.dest for action in parser._actions}
+    kept = dict(wired)
+    for key, nothing_asked in MODEL_OPTIONS.items():
+        if key in kept and key not in known:
+            value = kept.pop(key)
+            if value is not None and value != nothing_asked:
+                raise InputError(f"config: {key}: {value!r} cannot be applied: stage {stage} does not take "
+                                 f"--{key.replace('_', '-')} yet")
+    return kept
 
 
 def _external_inputs(wired: dict, settings, out) -> list[str]:
@@ -238,6 +316,7 @@ def _external_inputs(wired: dict, settings, out) -> list[str]:
 
 def plan_pipeline(config: dict, stages: list[str]) -> list[StagePlan]:
     """Every stage's plan, in order: all sections are checked before any stage runs."""
+    stages = active_stages(config, stages)
     wires = wiring(config, stages)
     return [plan_stage(stage, config, wires[stage]) for stage in stages]
 
@@ -252,15 +331,25 @@ def check_documents_fit(config: dict, plans: list[StagePlan]) -> None:
     from pdengine.prompts import PromptFormat, check_context_length, teacher_prompt_ids
 
     by_name = {plan.name: plan for plan in plans}
-    if not {"generate", "answer", "prefill"} & set(by_name):
+    if not {"generate", "answer", "prefill", "replay"} & set(by_name):
         return
     tokenizer, model_config = load_tokenizer_and_config(config["model"])
-    documents = index_documents(read_jsonl(config["documents"], required=("id", "text")), config["documents"])
+    documents = read_jsonl(config["documents"], required=("id", "text"))
+    if "chunk" in by_name:  # the stages will read the chunks: check those (cheap: tokenizer only)
+        from pdengine.chunking import chunk_documents
+
+        documents = chunk_documents(documents, tokenizer, by_name["chunk"].settings)
+    documents = index_documents(documents, config["documents"])
     fmt = PromptFormat(system=config.get("system"))
     budget = by_name["answer"].settings.max_new_tokens if "answer" in by_name else 0
     lengths = [(key, len(teacher_prompt_ids(tokenizer, doc["text"], "", fmt))) for key, doc in documents.items()]
-    check_context_length(model_config, lengths, budget=budget,
-                         what="teacher prompt (system + document, before its question)")
+    try:
+        check_context_length(model_config, lengths, budget=budget,
+                             what="teacher prompt (system + document, before its question)")
+    except InputError as e:
+        if "chunk" in by_name:
+            raise InputError(f"{e} (the chunk stage's chunk_tokens is too large for this model)") from None
+        raise InputError(f"{e}, or add `chunk: {{chunk_tokens: N}}` to the config") from None
 
 
 # ---------------------------------------------------------------- fingerprints and markers
@@ -332,8 +421,8 @@ def run_pipeline(args) -> int:
 def _run_stage(plan: StagePlan, out: Path, fresh: bool) -> None:
     marker(out, plan.name).unlink(missing_ok=True)  # an interrupted stage is never "done"
     namespace = argparse.Namespace(**vars(plan.namespace))
-    if "force" in CONTROLLED.get(plan.name, ()):  # prefill resumes an interrupted cache; others overwrite
-        namespace.force = fresh if plan.name == "prefill" else True
+    if "force" in CONTROLLED.get(plan.name, ()):  # a cache resumes when interrupted; others overwrite
+        namespace.force = fresh if plan.name in RESUMABLE else True
     if plan.name == "train":
         if fresh and (out / "train").exists():
             shutil.rmtree(out / "train")  # the pipeline's own training directory

@@ -15,6 +15,7 @@ its last complete shard. One prefill at a time writes a cache directory (a Direc
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pdengine import cache_format, modeling
+from pdengine import cache_format, distributed, modeling, prefill_distributed
 from pdengine.cache import TeacherCache
 from pdengine.config import POSITIVE, check_settings, setting
 from pdengine.documents import document_of, index_documents
@@ -315,37 +316,60 @@ def prefill(model, tokenizer, documents, qa_pairs, out_dir, *, k=_D.k, temperatu
                               vocab_size=vocab)
     check_context_length(model, [(ex["doc_id"], len(ex["teacher_input_ids"])) for ex in examples])
     manifest = _new_manifest(model, tokenizer, fmt, examples, settings)
-    with DirectoryLock(out_dir, "pdengine prefill"):
-        existing = _resumable_manifest(out_dir, manifest) if resume else None
-        if existing is None:
-            _clear_cache_dir(out_dir)
-        else:
-            manifest = existing
-            _remove_stale_temp_files(out_dir)
+    ctx = distributed.context()
+    # Under torchrun rank 0 owns the directory (lock, clearing, manifest); every rank writes its shards.
+    with DirectoryLock(out_dir, "pdengine prefill") if ctx.is_main else contextlib.nullcontext():
+        if ctx.is_main:
+            manifest = _open_for_writing(out_dir, manifest, resume)
+        manifest = ctx.broadcast(manifest)
         model.eval()
-        _fill_shards(model, examples, out_dir, manifest, settings)
+        _fill_shards(ctx, model, examples, out_dir, manifest, settings)
     return TeacherCache(out_dir)
 
 
-def _fill_shards(model, examples, out_dir, manifest, settings: PrefillConfig):
+def _open_for_writing(out_dir: Path, fresh: dict, resume: bool) -> dict:
+    """The manifest to continue: the existing one on a compatible resume (with the shards a
+    killed multi-rank run finished adopted), else `fresh` in a cleared directory."""
+    existing = _resumable_manifest(out_dir, fresh) if resume else None
+    if existing is None:
+        _clear_cache_dir(out_dir)
+        return fresh
+    _remove_stale_temp_files(out_dir)
+    prefill_distributed.adopt_finished_shards(out_dir, existing,
+                                              prefill_distributed.shard_count(existing["total_items"],
+                                                                              existing["shard_size"]))
+    return existing
+
+
+def _fill_shards(ctx, model, examples, out_dir, manifest, settings: PrefillConfig):
     from tqdm.auto import tqdm
 
-    shard_size, done = manifest["shard_size"], len(manifest["shards"])
-    n_shards = math.ceil(len(examples) / shard_size)
+    shard_size = manifest["shard_size"]
+    n_shards = prefill_distributed.shard_count(len(examples), shard_size)
+    path = teacher_path(model, settings.teacher_attention)
+
+    def compute_shard(s: int) -> dict:
+        chunk = examples[s * shard_size: (s + 1) * shard_size]
+        return _shard_of(model, chunk, manifest, batch_tokens=settings.batch_tokens,
+                         share_prefix=settings.share_prefix, path=path)
+
+    if ctx.distributed:
+        prefill_distributed.fill_shards(ctx, out_dir, manifest, n_shards, compute_shard,
+                                        progress=settings.progress and ctx.is_main)
+        return
+    done = len(manifest["shards"])
     bar = tqdm(total=len(examples), initial=min(done * shard_size, len(examples)), unit="qa",
                desc="teacher prefill", disable=not settings.progress)
     for s in range(done, n_shards):
-        chunk = examples[s * shard_size: (s + 1) * shard_size]
-        tensors = _shard_of(model, chunk, manifest, batch_tokens=settings.batch_tokens,
-                            share_prefix=settings.share_prefix, path=teacher_path(model, settings.teacher_attention))
-        manifest["shards"].append(cache_format.write_shard(out_dir, s, tensors))
+        manifest["shards"].append(cache_format.write_shard(out_dir, s, compute_shard(s)))
         manifest["complete"] = s == n_shards - 1
         cache_format.write_manifest(out_dir, manifest)
-        bar.update(len(chunk))
+        bar.update(min(shard_size, len(examples) - s * shard_size))
     bar.close()
     if not manifest["complete"]:  # nothing left to do (e.g. an empty resume)
         manifest["complete"] = True
         cache_format.write_manifest(out_dir, manifest)
+    prefill_distributed.remove_entries(out_dir)  # left by a killed multi-rank run, now adopted
 
 
 def _shard_of(model, chunk, manifest, *, batch_tokens, share_prefix, path) -> dict:
@@ -386,11 +410,12 @@ def add_arguments(parser) -> None:
     """Arguments of `pdengine prefill`: the files, then PrefillConfig's flags."""
     from pdengine.config import add_arguments as add_settings
 
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory (the teacher)")
+    from pdengine.loading import add_model_arguments
+
+    add_model_arguments(parser, model_help="local Hugging Face model directory (the teacher)")
     parser.add_argument("--documents", required=True, help="documents JSONL: {id, text}")
     parser.add_argument("--qa", required=True, help="QA pairs JSONL: {doc_id, question, answer, answer_ids}")
     parser.add_argument("--out", required=True, help="cache directory to write")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing cache instead of resuming")
     add_settings(parser, PrefillConfig)
 
@@ -399,18 +424,29 @@ def run(args) -> int:
     """`pdengine prefill`: load the teacher, prefill, print a summary."""
     from pdengine.config import from_args
     from pdengine.io import read_jsonl
-    from pdengine.loading import load_model_and_tokenizer
+    from pdengine.loading import load_from_args
 
     settings = from_args(PrefillConfig, args)
     documents = read_jsonl(args.documents, required=("id", "text"))
     qa_pairs = read_jsonl(args.qa, required=("doc_id", "question"))
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    model, tokenizer = load_from_args(args)
     cache = prefill(model, tokenizer, documents, qa_pairs, args.out, k=settings.k, temperature=settings.temperature,
                     fmt=PromptFormat(system=settings.system), batch_tokens=settings.batch_tokens,
                     shard_size=settings.shard_size, resume=not args.force, progress=settings.progress,
                     student_sees_document=settings.student_sees_document, share_prefix=settings.share_prefix,
                     teacher_attention=settings.teacher_attention)
+    _record_attention(args.out, model)
     counts = cache.manifest["counts"]
     print(f"teacher cache {args.out}: {counts['items']} QA pairs, {counts['answer_tokens']} answer tokens, "
           f"{counts['bytes']} bytes ({counts['bytes_per_answer_token']:.1f} B/answer token)")
     return 0
+
+
+def _record_attention(out_dir, model) -> None:
+    """The manifest's `attn_implementation`: the kernels the teacher ran with (a field the
+    cache schema does not name, so readers ignore it; docs/DESIGN.md, "Cache format")."""
+    from pdengine.loading import attention_implementation_of
+
+    manifest = cache_format.read_manifest(out_dir)
+    manifest["attn_implementation"] = attention_implementation_of(model)
+    cache_format.write_manifest(Path(out_dir), manifest)
