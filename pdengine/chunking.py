@@ -73,7 +73,7 @@ def _pieces(text: str, start: int, end: int, level: int, limit: int, count, toke
         return [(start, end, n)]
     if level == len(_BOUNDARIES):
         return _token_pieces(text, start, end, limit, count, tokenizer)
-    cuts = [start + m.end() for m in _BOUNDARIES[level].finditer(text, start, end)]
+    cuts = [m.end() for m in _BOUNDARIES[level].finditer(text, start, end)]  # absolute offsets
     cuts = [start, *(c for c in cuts if start < c < end), end]
     spans = []
     for a, b in zip(cuts, cuts[1:]):
