@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from pdengine import prompts
-from pdengine.demo import add_arguments
+from pdengine.demo import add_arguments, run, summary
 from pdengine.demo import world as W
 from pdengine.demo.pipeline import ASSETS, DemoConfig, run_demo
+from pdengine.demo.stages import Stages
+from pdengine.errors import InputError
 from pdengine.demo.pretrain import Encoder, pretrain, question_writing_validity, reading_accuracy
 from pdengine.demo.tokenizer import build_tokenizer
 
-METHODS = ("base_closed_book", "teacher_open_book", "rag_bm25", "sft", "prompt_distillation")
-STAGES = ("model", "gate", "questions", "answers", "prefill", "replay_prefill", "train_pd", "train_sft", "evaluate")
+METHODS = ("base_closed_book", "teacher_open_book", "rag_bm25", "sft", "prompt_distillation", "pd_rag")
+STAGES = ("model", "gate", "questions", "answers", "prefill", "replay_prefill", "train_pd_seed0", "train_sft_seed0",
+          "train_pd_seed1", "train_sft_seed1", "evaluate", "reading_check")
+KEY_COMPARISONS = ("prompt_distillation-sft", "prompt_distillation-rag_bm25", "pd_rag-rag_bm25")
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +113,14 @@ def test_demo_cli_defaults():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([])
-    assert (args.out, args.seed, args.fast, args.pretrain) == ("runs/demo", 0, False, False)
+    assert (args.out, args.seed, args.seeds, args.fast, args.pretrain) == ("runs/demo", 0, None, False, False)
+    assert parser.parse_args(["--seeds", "1"]).seeds == 1 and parser.parse_args(["--no-progress"]).no_progress
+
+
+def test_demo_defaults_are_the_papers_sampling_and_three_training_seeds():
+    cfg = DemoConfig()
+    assert (cfg.answer_temperature, cfg.seeds, cfg.progress) == (1.5, 3, True)
+    assert DemoConfig.fast().seeds == 1 and DemoConfig.fast(seeds=2).seeds == 2
 
 
 def test_demo_config_validation():
@@ -117,27 +128,102 @@ def test_demo_config_validation():
         DemoConfig(n_documents=31).validate()
     with pytest.raises(ValueError, match="steps"):
         DemoConfig(steps=0).validate()
+    with pytest.raises(InputError, match="seeds must be >= 1"):
+        DemoConfig(seeds=0).validate()
 
 
-def test_demo_end_to_end_fast(tmp_path):
+def test_the_cli_passes_seeds_and_progress_to_the_demo(monkeypatch, tmp_path):
+    import pdengine.demo.pipeline as demo_pipeline
+
+    seen = {}
+    monkeypatch.setattr(demo_pipeline, "run_demo", lambda out, cfg, **kw: seen.update(cfg=cfg))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--out", str(tmp_path), "--seeds", "1", "--no-progress"])) == 0
+    assert (seen["cfg"].seeds, seen["cfg"].progress, seen["cfg"].answer_temperature) == (1, False, 1.5)
+    run(parser.parse_args(["--out", str(tmp_path)]))
+    assert (seen["cfg"].seeds, seen["cfg"].progress) == (3, True)
+
+
+def _methods(**contains):
+    return {name: {"contains": value} for name, value in contains.items()}
+
+
+def test_targets_read_the_papers_claims_off_the_intervals():
+    methods = _methods(prompt_distillation=0.93, sft=0.88, rag_bm25=0.97, pd_rag=0.98, teacher_open_book=1.0,
+                       base_closed_book=0.04)
+    comparisons = {"prompt_distillation-sft": {"contains": 0.05, "contains_ci": [0.01, 0.09]},
+                   "pd_rag-rag_bm25": {"contains": 0.01, "contains_ci": [-0.01, 0.03]}}
+    t = summary.targets(methods, comparisons)
+    assert t["pd_beats_sft"] and t["pd_ge_0.95_rag"] and t["pd_rag_ge_rag"]
+    assert t["pd_over_rag"] == pytest.approx(0.93 / 0.97) and t["pd_minus_sft_ci"] == [0.01, 0.09]
+    # a positive mean difference whose interval reaches 0 is not "PD beats SFT"
+    comparisons["prompt_distillation-sft"]["contains_ci"] = [-0.002, 0.09]
+    methods["prompt_distillation"]["contains"] = 0.92  # 0.92 < 0.95 x 0.97
+    methods["pd_rag"]["contains"] = 0.96
+    t = summary.targets(methods, comparisons)
+    assert not (t["pd_beats_sft"] or t["pd_ge_0.95_rag"] or t["pd_rag_ge_rag"])
+    lines = summary.target_lines(t)
+    assert len(lines) == 3 and all("MISSED" in line for line in lines)
+    assert "[-0.2, +9.0]" in lines[0]
+
+
+def test_stages_log_wall_cpu_and_elapsed_time():
+    lines = []
+    stages = Stages(lines.append, total=2)
+    assert stages.run("busy", lambda: sum(i * i for i in range(200_000))) > 0
+    stages.run("idle", lambda: None)
+    stages.finish()
+    assert lines[0] == "[demo 0:00] 1/2 busy ..." and lines[1].startswith("[demo 0:00] 1/2 busy: ")
+    assert "(cpu " in lines[1] and lines[3].startswith("[demo 0:00] 2/2 idle: ")
+    assert set(stages.seconds) == set(stages.cpu_seconds) == {"busy", "idle", "total"}
+    assert stages.cpu_seconds["busy"] > 0 and stages.seconds["total"] >= stages.seconds["busy"]
+
+
+def test_demo_end_to_end_fast_with_two_training_seeds(tmp_path, capsys):
     out = tmp_path / "demo"
-    cfg = DemoConfig.fast(threads=1)
-    report = run_demo(out, cfg, log=lambda *a: None)
+    cfg = DemoConfig.fast(threads=1, seeds=2, steps=3)
+    lines = []
+    report = run_demo(out, cfg, log=lines.append)
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["methods"] == report["methods"]
     for method in METHODS:
         for metric in ("exact_match", "f1", "contains"):
             assert 0.0 <= report["methods"][method][metric] <= 1.0
+            low, high = report["methods"][method][f"{metric}_ci"]
+            assert low <= report["methods"][method][metric] <= high
+    # PD, SFT and PD + RAG are the mean of the two training seeds, with each seed listed
+    for method in ("prompt_distillation", "sft", "pd_rag"):
+        per_seed = report["methods"][method]["per_seed"]["contains"]
+        assert report["methods"][method]["seeds"] == 2 and len(per_seed) == 2
+        assert report["methods"][method]["contains"] == pytest.approx(sum(per_seed) / 2)
+    for name in KEY_COMPARISONS:
+        assert len(report["comparisons"][name]["contains_ci"]) == 2
+    t = report["targets"]
+    assert t["pd_minus_sft_ci"] == report["comparisons"]["prompt_distillation-sft"]["contains_ci"]
+    assert t["pd_beats_sft"] == (t["pd_minus_sft_ci"][0] > 0)
+    assert [r["seed"] for r in report["training"]["pd"]] == [0, 1]
     assert report["n_eval_questions"] == cfg.n_documents * len(W.ATTRIBUTES) * cfg.eval_per_fact
     assert set(STAGES) <= set(report["timings"]) and report["timings"]["total"] > 0
-    assert report["questions"]["kept"] > 0 and report["training"]["pd"]["steps"] == cfg.steps
-    assert report["training"]["sft"]["steps"] == cfg.steps
+    assert set(report["timings"]) == set(report["cpu_timings"]) and report["cpu_timings"]["total"] > 0
+    assert report["questions"]["kept"] > 0 and report["config"]["answer_temperature"] == 1.5
+    assert all(r["steps"] == cfg.steps for r in report["training"]["pd"] + report["training"]["sft"])
+    seed_dirs = [out / "pd" / f"seed-{s}" / "adapter" for s in (0, 1)]
+    assert all((d / "adapter_config.json").is_file() for d in seed_dirs)
+    # the seeds train differently (LoRA init and batch order), so their adapters differ
+    assert (seed_dirs[0] / "adapter_model.safetensors").read_bytes() != \
+        (seed_dirs[1] / "adapter_model.safetensors").read_bytes()
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer_config.json").is_file()
     assert (out / "cache" / "manifest.json").is_file()
-    assert (out / "pd" / "adapter" / "adapter_config.json").is_file()
     assert (out / "report.md").is_file() and (out / "answers.jsonl").is_file()
     # the teacher reads: open-book accuracy on the new documents is high even in the fast run
     assert report["methods"]["teacher_open_book"]["contains"] >= 0.8
+    # progress: one start line and one end line (with wall and cpu time) per stage, bars on stderr
+    for stage in STAGES:
+        assert sum(f" {stage} ..." in line or f" {stage}: " in line for line in lines) == 2
+    assert "target PD > SFT" in lines[-1] and "cpu time (s): model" in lines[-1]
+    err = capsys.readouterr().err
+    assert "train" in err and "teacher prefill" in err and "questions (round 1)" in err
 
 
 def test_pipeline_gate_refuses_a_model_that_cannot_read():
