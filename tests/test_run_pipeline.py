@@ -8,6 +8,7 @@ import yaml
 from helpers import QA_DOCS, save_tiny
 
 from pdengine import cli, config, pipeline
+from pdengine.errors import InputError
 from pdengine.input_hashes import InputHashes
 from pdengine.io import write_jsonl
 from pdengine.locking import DirectoryLock
@@ -148,3 +149,85 @@ def test_a_document_too_long_for_the_model_stops_the_run_before_any_stage(model_
     assert "document '7': its teacher prompt (system + document, before its question) is " in line
     assert "including 5 tokens to generate, over the model's context length of 256" in line
     assert not (data / "run").exists()
+
+
+# ---------------------------------------------------------------- chunk and replay stages, model options
+
+TRAIN = {"epochs": 1, "lora_r": 2, "batch_tokens": 64, "progress": False}
+
+
+def test_a_chunk_section_splits_long_documents_before_any_stage(model_dir, data, capsys):
+    long_doc = {"id": 7, "text": " ".join(["Ada lives in Oslo ."] * 60)}  # too long for the model, as above
+    write_jsonl(data / "docs.jsonl", [QA_DOCS[0], long_doc])
+    cfg = _config(data, model_dir, stages="chunk,generate", chunk={"chunk_tokens": 100, "overlap_tokens": 10},
+                  **FAST)
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    out = data / "run"
+    chunks = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
+    assert [c["id"] for c in chunks][:2] == ["d1", "7#0"] and all(c.get("source_id") == "7" for c in chunks[1:])
+    questions = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
+    asked = {q["doc_id"] for q in questions}
+    assert asked <= {c["id"] for c in chunks} and any(d.startswith("7#") for d in asked)  # generate read the chunks
+    capsys.readouterr()
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    assert capsys.readouterr().err.count("done already, skipped") == 2
+
+
+def test_a_chunk_size_too_large_for_the_model_is_named(model_dir, data, capsys):
+    write_jsonl(data / "docs.jsonl", [{"id": 7, "text": " ".join(["Ada lives in Oslo ."] * 60)}])
+    cfg = _config(data, model_dir, stages="chunk,generate", chunk={"chunk_tokens": 1000, "overlap_tokens": 0}, **FAST)
+    assert cli.main(["run", "--config", str(cfg)]) == 2
+    assert "document '7'" in (line := _error_line(capsys)) and "chunk_tokens is too large" in line
+    cfg = _config(data, model_dir, stages="generate", **FAST)
+    assert cli.main(["run", "--config", str(cfg)]) == 2
+    assert "or add `chunk: {chunk_tokens: N}` to the config" in _error_line(capsys)
+
+
+def test_the_replay_stage_prefills_with_the_document_in_the_student_prompt(model_dir, data, capsys):
+    cfg = _config(data, model_dir, stages="generate,answer,prefill,replay,train", **FAST,
+                  prefill={"k": 4, "progress": False}, train={**TRAIN, "replay_fraction": 0.5})
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    out = data / "run"
+    main = json.loads((out / "cache" / "manifest.json").read_text())
+    replay = json.loads((out / "replay_cache" / "manifest.json").read_text())
+    assert replay["student_sees_document"] is True and main["student_sees_document"] is False
+    assert replay["k"] == main["k"] == 4 and replay["total_items"] == main["total_items"]  # prefill's settings
+    run = json.loads((out / "train" / "run.json").read_text())
+    assert run["replay_cache"]["path"].endswith("replay_cache")
+    capsys.readouterr()
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    assert capsys.readouterr().err.count("done already, skipped") == 5
+
+
+def test_without_replay_fraction_the_replay_stage_is_skipped(model_dir, data, capsys):
+    write_jsonl(data / "run" / "qa.jsonl", [{"doc_id": "d1", "question": "who ?", "answer": "Ada"}])
+    cfg = _config(data, model_dir, stages="prefill,replay", prefill={"k": 4, "progress": False})
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    assert "replay: skipped" in capsys.readouterr().err
+    assert (data / "run" / "cache").is_dir() and not (data / "run" / "replay_cache").exists()
+    bad = _config(data, model_dir, replay={"student_sees_document": False}, train={"replay_fraction": 0.5})
+    assert cli.main(["run", "--config", str(bad)]) == 2
+    assert "[replay] cannot set 'student_sees_document': the pipeline sets it" in _error_line(capsys)
+
+
+def test_attn_implementation_reaches_the_stages_and_the_cache_manifest(model_dir, data, capsys):
+    write_jsonl(data / "run" / "qa.jsonl", [{"doc_id": "d1", "question": "who ?", "answer": "Ada"}])
+    cfg = _config(data, model_dir, stages="prefill", attn_implementation="eager", quantize="none",
+                  prefill={"k": 4, "progress": False})
+    assert cli.main(["run", "--config", str(cfg)]) == 0
+    manifest = json.loads((data / "run" / "cache" / "manifest.json").read_text())
+    assert manifest["attn_implementation"] == "eager"
+    bad = _config(data, model_dir, stages="prefill", attn_implementation="fast")
+    assert cli.main(["run", "--config", str(bad)]) == 2
+    assert "attn_implementation must be one of auto, sdpa, eager" in _error_line(capsys)
+
+
+def test_a_model_option_a_stage_cannot_take_is_refused_not_dropped():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    wired = {"model": "m", "device": None, "attn_implementation": None, "quantize": "none"}
+    assert pipeline._model_options_for("generate", parser, wired) == {"model": "m"}
+    with pytest.raises(InputError, match="attn_implementation: 'eager' cannot be applied: stage generate does not"):
+        pipeline._model_options_for("generate", parser, {**wired, "attn_implementation": "eager"})
