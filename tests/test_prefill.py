@@ -68,14 +68,16 @@ def test_shared_prefix_rows_equal_unshared_forwards(family):
     assert (shared[0] == ref_ids).float().mean() > 0.95  # ids may differ only at ties
 
 
-def test_small_batch_tokens_splits_groups_and_rows_with_same_numbers(tmp_path):
+@pytest.mark.parametrize("path", ["mask", "auto"])  # auto: the long document by its prefix KV cache
+def test_small_batch_tokens_splits_groups_and_rows_with_same_numbers(tmp_path, path):
     model, tok = setup("llama")
     examples = build_examples(tok, DOCUMENTS, QA)
     longest = max(len(ex["teacher_input_ids"]) for ex in examples)
-    small = make_groups(examples, batch_tokens=longest, share_prefix=True)
+    small = make_groups(examples, batch_tokens=longest, share_prefix=True, path="mask")
     assert len(small) > 2 and all(len(row) == 1 for row in pack_rows(small, longest))
     big = prefill(model, tok, DOCUMENTS, QA, tmp_path / "big", k=8, progress=False)
-    split = prefill(model, tok, DOCUMENTS, QA, tmp_path / "split", k=8, progress=False, batch_tokens=longest)
+    split = prefill(model, tok, DOCUMENTS, QA, tmp_path / "split", k=8, progress=False, batch_tokens=longest,
+                    teacher_attention=path)
     for i in range(len(QA)):
         assert big[i]["teacher_input_ids"] == split[i]["teacher_input_ids"]
         tol = quantisation_tolerance(big[i]["topk_logprobs"])
