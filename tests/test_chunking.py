@@ -136,3 +136,16 @@ def test_chunk_command(tmp_path, capsys):
     assert cli.main(["chunk", "--documents", str(tmp_path / "docs.jsonl"), "--out", str(out), "--model", str(model),
                      "--chunk-tokens", "4", "--overlap-tokens", "4"]) == 2
     assert "must be smaller than chunk_tokens" in capsys.readouterr().err
+
+
+def test_evaluation_counts_the_chunks_of_a_document_as_that_document(tok):
+    from pdengine.evaluate import check_eval_inputs
+    from pdengine.retrieval import retrieve
+
+    text = "Ada lives in Oslo . Ada works as baker . Bo lives in Rome . Bo works as baker ."
+    chunks = _chunk([{"id": "d", "text": text}], tok, 10)
+    questions = [{"doc_id": "d", "question": "where does Bo live ?", "answer": "Rome"}]
+    docs = check_eval_inputs(chunks, questions)  # the question about 'd' finds its document
+    assert document_of(docs, questions[0], "q")["text"].startswith("Bo lives in Rome")
+    found = retrieve(docs, questions, top_n=1, passage_words=50)[0]["doc_ids"]
+    assert [source_of(docs[i]) for i in found] == ["d"]  # a retrieved chunk is the question's own document
