@@ -62,3 +62,22 @@ def test_choice():
         attention.choose("flash_attention_2", "cpu")
     with pytest.raises(InputError, match="must be one of auto, sdpa"):
         attention.choose("fast", "cpu")
+
+
+@pytest.mark.parametrize("implementation", attention.available("cpu", training=True))
+def test_training_batches_keep_their_sequences_apart(implementation):
+    """The trainer's own path (pack_sequences -> target_hidden), with gradients on."""
+    from pdengine.training.batching import pack_sequences
+    from pdengine.training.losses import target_hidden
+
+    model = tiny_model("llama", 64, max_position_embeddings=64, attn_implementation=implementation).train()
+    a, b = sequences(0), sequences(1)
+
+    def middle_targets(seqs):
+        batch = pack_sequences([(s, 2, len(s) - 2) for s in seqs])
+        hidden = target_hidden(model, batch)
+        n0 = LENGTHS[0] - 2
+        return hidden[n0: n0 + LENGTHS[1] - 2]
+
+    first, second = middle_targets(a), middle_targets([b[0], a[1], b[2]])
+    assert first.requires_grad and torch.equal(first.detach(), second.detach())

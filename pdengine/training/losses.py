@@ -35,14 +35,15 @@ def to_device(batch: dict, device) -> dict:
 def target_hidden(model, batch) -> torch.Tensor:
     """Final hidden states at the target positions, `[M, d]`; no logits are formed.
 
-    Packed batches (`segment_ids` present) get the block mask that isolates sequences;
-    a batch without `segment_ids` is `[B, T]` rows of one sequence each (optional
-    `attention_mask` for right padding), and `target_positions` index the flattened
-    `B * T` positions.
+    Packed batches (`segment_ids` present) go in with their restarted `position_ids` and no
+    mask: the model's own attention (flash-attention varlen, FlexAttention, or sdpa with the
+    mask transformers derives from the positions) keeps the sequences apart, which it does
+    only without a KV cache (`hidden_states` passes use_cache=False; docs/DESIGN.md,
+    "Attention paths"). A batch without `segment_ids` is `[B, T]` rows of one sequence each
+    (optional `attention_mask` for right padding), and `target_positions` index the
+    flattened `B * T` positions.
     """
-    mask = batch.get("attention_mask")
-    if "segment_ids" in batch:
-        mask = modeling.segment_attention_mask(batch["segment_ids"])
+    mask = None if "segment_ids" in batch else batch.get("attention_mask")
     hidden = modeling.hidden_states(model, batch["input_ids"], batch.get("position_ids"), mask)
     return hidden.reshape(-1, hidden.shape[-1])[batch["target_positions"]]
 
