@@ -123,7 +123,8 @@ def check_top_level(config: dict) -> list[str]:
         if config.get(key) is not None and not isinstance(config[key], str):
             raise InputError(f"config: {key} must be a string, got {config[key]!r}")
     _check_model_options(config)
-    stages = config.get("stages") or [s for s in PIPELINE if s not in OPTIONAL_STAGES or s in config]
+    stages = config.get("stages") or [s for s in PIPELINE if s not in OPTIONAL_STAGES or s in config
+                                      or (s == "replay" and replay_wanted(config))]
     if isinstance(stages, str):
         stages = [s.strip() for s in stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in PIPELINE]

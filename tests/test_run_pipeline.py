@@ -184,7 +184,7 @@ def test_a_chunk_size_too_large_for_the_model_is_named(model_dir, data, capsys):
 
 
 def test_the_replay_stage_prefills_with_the_document_in_the_student_prompt(model_dir, data, capsys):
-    cfg = _config(data, model_dir, stages="generate,answer,prefill,replay,train", **FAST,
+    cfg = _config(data, model_dir, **FAST,  # no stages list: replay joins the default ones
                   prefill={"k": 4, "progress": False}, train={**TRAIN, "replay_fraction": 0.5})
     assert cli.main(["run", "--config", str(cfg)]) == 0
     out = data / "run"
