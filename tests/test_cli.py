@@ -191,3 +191,15 @@ def test_run_pipeline_reruns_a_stage_whose_settings_changed(model_dir, data, cap
     assert cli.main(["run", "--config", str(cfg)]) == 0
     err = capsys.readouterr().err
     assert "generate: done already" in err and "answer: running" in err
+
+
+def test_prefill_takes_the_model_loading_flags(model_dir, data, capsys):
+    write_jsonl(data / "qa.jsonl", [{"doc_id": "d1", "question": "who ?", "answer": "Ada"}])
+    base = ["prefill", "--model", str(model_dir), "--documents", str(data / "docs.jsonl"), "--qa",
+            str(data / "qa.jsonl"), "--out", str(data / "cache"), "--k", "4", "--no-progress", "--device", "cpu"]
+    assert cli.main([*base, "--attn-implementation", "eager", "--quantize", "none"]) == 0
+    assert json.loads((data / "cache" / "manifest.json").read_text())["attn_implementation"] == "eager"
+    assert cli.main([*base, "--force", "--attn-implementation", "flash_attention_2"]) == 2
+    assert "'flash_attention_2' cannot be used" in _error_line(capsys)
+    assert cli.main([*base, "--force", "--quantize", "fp8"]) == 2  # argparse: not a choice
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
