@@ -151,7 +151,13 @@ def replay_wanted(config: dict) -> bool:
     train = config.get("train") or {}
     fraction = train.get("replay_fraction", train.get("replay-fraction", 0)) or 0
     named = train.get("replay_cache", train.get("replay-cache"))
-    return isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction > 0 and not named
+    if isinstance(fraction, bool):
+        return False  # the train section's own check refuses it
+    try:
+        fraction = float(fraction)  # as the train section's own check reads it ("0.5" included)
+    except (TypeError, ValueError):
+        return False  # that check names the bad value
+    return fraction > 0 and not named
 
 
 def active_stages(config: dict, stages: list[str]) -> list[str]:
@@ -174,7 +180,7 @@ def wiring(config: dict, stages: list[str]) -> dict[str, dict]:
         loss = str((config.get("train") or {}).get("loss", "pd"))
         adapters.append(f"{ADAPTER_NAMES.get(loss, loss)}={out / 'train' / 'adapter'}")
     train = {**common, "cache": out / "cache", "out": out / "train"}
-    if "replay" in stages:
+    if replay_wanted(config):  # also when this run's stages leave out replay (built before)
         train["replay_cache"] = out / STAGE_OUTPUT["replay"]
     return {
         "chunk": {"model": config["model"], "documents": config["documents"], "out": documents},

@@ -197,6 +197,11 @@ def test_the_replay_stage_prefills_with_the_document_in_the_student_prompt(model
     capsys.readouterr()
     assert cli.main(["run", "--config", str(cfg)]) == 0
     assert capsys.readouterr().err.count("done already, skipped") == 5
+    raw = pipeline.load_config(cfg)  # a later run of train alone still mixes in the replay cache
+    assert pipeline.wiring(raw, ["train"])["train"]["replay_cache"] == out / "replay_cache"
+    assert pipeline.replay_wanted({"train": {"replay_fraction": "0.5"}})
+    assert not pipeline.replay_wanted({"train": {"replay_fraction": 0.5, "replay_cache": "mine"}})
+    assert not pipeline.replay_wanted({"train": {"replay_fraction": True}})
 
 
 def test_without_replay_fraction_the_replay_stage_is_skipped(model_dir, data, capsys):
