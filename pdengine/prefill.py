@@ -435,7 +435,8 @@ def run(args) -> int:
                     shard_size=settings.shard_size, resume=not args.force, progress=settings.progress,
                     student_sees_document=settings.student_sees_document, share_prefix=settings.share_prefix,
                     teacher_attention=settings.teacher_attention)
-    _record_attention(args.out, model)
+    if distributed.context().is_main:  # under torchrun rank 0 owns the manifest
+        _record_attention(args.out, model)
     counts = cache.manifest["counts"]
     print(f"teacher cache {args.out}: {counts['items']} QA pairs, {counts['answer_tokens']} answer tokens, "
           f"{counts['bytes']} bytes ({counts['bytes_per_answer_token']:.1f} B/answer token)")
