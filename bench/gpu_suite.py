@@ -119,7 +119,7 @@ def section_machine(suite: Suite):
     n = 256 if suite.dry else 8192
     a = torch.randn(n, n, device=suite.device, dtype=suite.dtype)
     b = torch.randn(n, n, device=suite.device, dtype=suite.dtype)
-    row = suite.timed("machine", f"matmul {n}^3 {str(suite.dtype)[6:]}", "torch (cuBLAS)", lambda: a @ b,
+    row = suite.timed("machine", f"matmul {n}^3 {str(suite.dtype)[6:]}", "torch matmul (cuBLAS on a GPU)", lambda: a @ b,
                       flops=2 * n**3)
     suite.gemm_tflops = row.get("tflops")
     row["pct_gemm"] = 100.0 if suite.gemm_tflops else None
@@ -130,7 +130,7 @@ def section_machine(suite: Suite):
     moved = 2 * src.numel() * src.element_size()
     rate = moved / (timing["median_ms"] * 1e-3) / 1e9
     suite.add("machine", f"copy {moved / 2**30:.3g} GiB", "torch", timing["median_ms"], gb_per_s=rate,
-              note=f"{rate:.0f} GB/s (read + write)")
+              note=f"{rate:.3g} GB/s (read + write)")
 
 
 def _loss_inputs(suite, shape, trainable, k=None):

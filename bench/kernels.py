@@ -59,7 +59,7 @@ def _loss_jobs():
     jobs = []
     floats = ("inv_tau", "softcap", "ce_weight")
     for dtype, elem in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-        ptrs = {p: elem for p in ("h_ptr", "w_ptr", "ha_ptr", "b_ptr")}
+        ptrs = {p: elem for p in ("h_ptr", "w_ptr", "ha_ptr", "b_ptr", "kept_ptr")}
         ptrs.update(ids_ptr="*i64", labels_ptr="*i64")
         ieee = dtype == torch.float32
         # every flag on: the most registers (the plain case is checked too)
@@ -67,10 +67,11 @@ def _loss_jobs():
             flags = dict(HAS_LORA=lora, SOFTCAP=lora, BLOCK_R=K._MAX_BLOCK_R if lora else 16)
             tag = f"{elem[1:]}{' lora+softcap' if lora else ''}"
             tiled = [("_lse_kernel", "fwd", {}),
-                     ("_sweep_kernel", "sweep", {}),
-                     ("_dense_bwd_kernel", "bwd", dict(WEIGHT_GRAD=True, HIDDEN_GRAD=True)),
-                     ("_dense_bwd_kernel", "bwd", dict(WEIGHT_GRAD=True, HIDDEN_GRAD=False)),
-                     ("_dense_bwd_kernel", "bwd_no_wgrad", dict(WEIGHT_GRAD=False, HIDDEN_GRAD=True))]
+                     ("_sweep_kernel", "sweep", dict(KEEP=False)),
+                     ("_sweep_kernel", "sweep_keep", dict(KEEP=True)),
+                     ("_kept_wgrad_kernel", "sweep_keep", dict(WEIGHT_GRAD=True)),
+                     ("_dense_bwd_kernel", "bwd", dict(WEIGHT_GRAD=True)),
+                     ("_dense_bwd_kernel", "bwd_no_wgrad", dict(WEIGHT_GRAD=False))]
             for kernel, kind, extra in tiled:
                 cfg = dict(K.config(kind, dtype))
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -245,8 +246,10 @@ def compile_job(job: Job) -> dict:
 
     fn = getattr(importlib.import_module(f"pdengine.kernels.{job.module}"), job.kernel)
     start = time.perf_counter()
+    # a flag set shared by a kernel family may name flags one kernel lacks (e.g. SOFTCAP)
+    consts = {k: v for k, v in _constexpr_values(job).items() if k in fn.arg_names}
     src = ASTSource(fn=fn, signature=_signature(fn, job),
-                    constexprs={(fn.arg_names.index(k),): v for k, v in _constexpr_values(job).items()})
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=job.num_warps, num_stages=job.num_stages, **job.options))
     row = {"label": job.label, "kernel": job.kernel, "num_warps": job.num_warps,

@@ -1,6 +1,6 @@
 """Fused lm_head + top-k KL loss in Triton: the [N, V] logits never exist.
 
-Math: docs/DESIGN.md, "Fused loss". Four kernels, all accumulating in fp32:
+Math: docs/DESIGN.md, "Fused loss". Six kernels, all accumulating in fp32:
 
 forward
   _lse_kernel        grid (token blocks, vocabulary splits): logit tiles h W^T +
@@ -21,13 +21,22 @@ backward (G = dL/du = dense part c_n q_v scaled per row + sparse part at the ids
                      Each output element receives V/BLOCK_V (dh) or N/BLOCK_N (dW) adds;
                      the alternative (one kernel per output, each recomputing the
                      logits) costs 2 N d V more FLOPs.
+single pass (grad_loss known up front: a reduced loss; linear_topk_kl_forward_backward)
+  _sweep_kernel      grid (token blocks): one sweep over the vocabulary with the online
+                     (max, sum) and the dense hidden gradient accumulated flash-attention
+                     style (rescaled when the max grows); keeps its tiles for a token chunk
+                     when dW or dB is wanted. Then _sparse_bwd_kernel (SINGLE_PASS: also the
+                     loss, and the per-row scale coef / s of the accumulated dense part).
+  _kept_wgrad_kernel grid (token blocks, vocabulary tiles): dW and dB from the kept tiles.
+                     4 N d V GEMM FLOPs with a frozen lm_head, 6 with a trainable one
+                     (the two-pass path: 6 and 8).
 
 LoRA: the launchers compute hA = s * h A^T [N, r] (fp32 GEMM, stored in the input dtype
 like any activation) and, in the backward, finish
 dh += s (G B) A and dA = s (G B)^T h with small torch matmuls (O(N r d), no [N, V]).
 
-The launchers take the schema's positional arguments (pdengine/ops/_library.py); argument
-checking with clear errors is the front-end's job (pdengine/ops/linear_topk_kl.py).
+The launchers take the schema's positional arguments (pdengine/ops/_library.py) and check
+nothing: the raw op's one boundary does (pdengine/ops/_checks.py, as csrc/ does for C++).
 """
 from __future__ import annotations
 
@@ -66,19 +75,23 @@ if _INTERPRET:
         "fwd": dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1),
         "bwd": dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1),
     }
-    _CONFIGS.update(sweep=_CONFIGS["fwd"], bwd_no_wgrad=_CONFIGS["bwd"])
+    _CONFIGS.update(sweep=_CONFIGS["fwd"], sweep_keep=_CONFIGS["fwd"], bwd_no_wgrad=_CONFIGS["bwd"])
     _CONFIGS_FP32 = _CONFIGS
     _SPARSE = dict(BLOCK_D=128, num_warps=4)
 else:
     _CONFIGS = {
         "fwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2),
         "sweep": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2),
+        # keeping the tiles too (trainable head / LoRA) spilled 264 B at 128-wide tiles and
+        # 32 B at BLOCK_D 32
+        "sweep_keep": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
         "bwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2),
         "bwd_no_wgrad": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2),
     }
     _CONFIGS_FP32 = {
         "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2),
         "sweep": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+        "sweep_keep": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
         "bwd": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
         "bwd_no_wgrad": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
     }
@@ -90,7 +103,7 @@ _MAX_BLOCK_R = 64 if _INTERPRET else 32
 
 
 def config(kind: str, dtype) -> dict:
-    """Block config of a tiled kernel ("fwd", "sweep", "bwd", "bwd_no_wgrad") for inputs
+    """Block config of a tiled kernel ("fwd", "sweep", "sweep_keep", "bwd", "bwd_no_wgrad") for inputs
     of `dtype` (the compute dtype: float64 inputs run as float32)."""
     return (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS)[kind]
 
@@ -362,11 +375,11 @@ def _dense_bwd_kernel(
     N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
     inv_tau, softcap,
     HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    WEIGHT_GRAD: tl.constexpr, HIDDEN_GRAD: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """The dense part of G for one (token block, vocabulary block) tile. HIDDEN_GRAD off (the
-    single pass, whose sweep made dh and (G B) already): only dW and dB."""
+    """The dense part of G for one (token block, vocabulary block) tile of the two-pass
+    backward: the logit tile recomputed, then its products into dh, dW, (G B) and dB."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
@@ -386,12 +399,11 @@ def _dense_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
-        if HIDDEN_GRAD:
-            w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            dh = dot(g_in, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), IEEE)
-            tl.atomic_add(dh_ptr + rows64[:, None] * D + ds[None, :], dh,
-                          mask=row_mask[:, None] & d_mask[None, :])
+        w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        dh = dot(g_in, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), IEEE)
+        tl.atomic_add(dh_ptr + rows64[:, None] * D + ds[None, :], dh,
+                      mask=row_mask[:, None] & d_mask[None, :])
         if WEIGHT_GRAD:
             h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0)
@@ -406,10 +418,9 @@ def _dense_bwd_kernel(
                         mask=col_mask[:, None] & r_mask[None, :], other=0.0)
             ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
                          mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            if HIDDEN_GRAD:
-                gb = dot(g_in, b, tl.zeros((BLOCK_N, BLOCK_R), tl.float32), IEEE)
-                tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
-                              mask=row_mask[:, None] & r_mask[None, :])
+            gb = dot(g_in, b, tl.zeros((BLOCK_N, BLOCK_R), tl.float32), IEEE)
+            tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
+                          mask=row_mask[:, None] & r_mask[None, :])
             db = dot(g_in_t, ha, tl.zeros((BLOCK_V, BLOCK_R), tl.float32), IEEE)
             tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
                           mask=col_mask[:, None] & r_mask[None, :])
@@ -420,10 +431,10 @@ def _dense_bwd_kernel(
 
 @triton.jit
 def _sweep_kernel(
-    h_ptr, w_ptr, ha_ptr, b_ptr, max_ptr, sum_ptr, dh_ptr, gb_ptr,
-    N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
+    h_ptr, w_ptr, ha_ptr, b_ptr, max_ptr, sum_ptr, dh_ptr, gb_ptr, kept_ptr, tile_max_ptr,
+    N, V, D, R, stride_h, stride_w, stride_ha, stride_b, n_tiles,
     inv_tau, softcap,
-    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One sweep over the vocabulary for a token block: the online (max m, sum s) of
@@ -433,6 +444,10 @@ def _sweep_kernel(
     program's own rows of dh [N, d] / (G B) [N, r] (fp32, zero on entry): a [BLOCK_N, d]
     accumulator is far beyond registers for d = 4096. The sparse kernel then turns it into
     coef / s * acc plus the sparse part, once lse = m + log s is final.
+
+    KEEP (a trainable lm_head, or LoRA on it): also store each tile's exp(z - m_tile)
+    softcap'(u) in the input dtype into kept [N, V] and m_tile into tile_max [N, n_tiles],
+    so that `_kept_wgrad_kernel` makes dW and dB from them without recomputing the logits.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -453,6 +468,10 @@ def _sweep_kernel(
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
         gp = (p * _softcap_grad(u, softcap, SOFTCAP)).to(w_ptr.dtype.element_ty)
+        if KEEP:
+            tl.store(kept_ptr + rows64[:, None] * V + cols64[None, :], gp,
+                     mask=row_mask[:, None] & col_mask[None, :])
+            tl.store(tile_max_ptr + rows64 * n_tiles + v0 // BLOCK_V, m_new, mask=row_mask)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_mask = ds < D
@@ -474,6 +493,49 @@ def _sweep_kernel(
                 tl.store(acc_ptrs, dot(gp, b, acc, IEEE), mask=acc_mask)
     tl.store(max_ptr + rows, m, mask=row_mask)
     tl.store(sum_ptr + rows, s, mask=row_mask)
+
+
+@triton.jit
+def _kept_wgrad_kernel(
+    h_ptr, ha_ptr, kept_ptr, tile_max_ptr, row_max_ptr, scale_ptr, dw_ptr, db_ptr,
+    N, V, D, R, stride_h, stride_ha, n_tiles,
+    HAS_LORA: tl.constexpr, WEIGHT_GRAD: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dW += G^T h and dB += G^T hA for one (token block, vocabulary tile) from the sweep's
+    kept tiles: G = kept * coef / s * exp(m_tile - m), no logits recomputed (the single
+    pass's 6 N d V with a trainable lm_head). fp32 atomics, as in `_dense_bwd_kernel`."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = tl.program_id(1)
+    cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    kept = tl.load(kept_ptr + rows64[:, None] * V + cols64[None, :], mask=mask, other=0.0).to(tl.float32)
+    tile_max = tl.load(tile_max_ptr + rows64 * n_tiles + tile, mask=row_mask, other=0.0)
+    row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0) * tl.exp(tile_max - row_max)
+    g_in_t = tl.trans(tl.where(mask, kept * scale[:, None], 0.0).to(h_ptr.dtype.element_ty))
+    if WEIGHT_GRAD:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            dw = dot(g_in_t, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE)
+            tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
+                          mask=col_mask[:, None] & d_mask[None, :])
+    if HAS_LORA:
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rs < R
+            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
+                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+            db = dot(g_in_t, ha, tl.zeros((BLOCK_V, BLOCK_R), tl.float32), IEEE)
+            tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
+                          mask=col_mask[:, None] & r_mask[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -585,14 +647,14 @@ def _launch_sparse_bwd(grad, ptrs, ids, lp, labels, lse, coef, bufs, loss, sums,
 
 
 def _launch_dense_bwd(ptrs, lse, coef, bufs, n, v, d, r, strides, scalars, flags, ieee,
-                      needs_weight_grad, hidden_grad):
+                      needs_weight_grad):
     dh, dw, gb, db = bufs
     cfg = config("bwd" if needs_weight_grad else "bwd_no_wgrad", ptrs[0].dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
     _dense_bwd_kernel[grid](
         *ptrs, lse, coef, dh, gb, dw if needs_weight_grad else dh, db, n, v, d, r, *strides,
         scalars["inv_tau"], scalars["softcap"], IEEE=ieee,
-        WEIGHT_GRAD=bool(needs_weight_grad), HIDDEN_GRAD=hidden_grad, **flags, **cfg)
+        WEIGHT_GRAD=bool(needs_weight_grad), **flags, **cfg)
 
 
 def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
@@ -613,8 +675,26 @@ def linear_topk_kl_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_i
         _launch_sparse_bwd(grad_loss, ptrs, ids, lp, labels, lse, coef, bufs, None, None, n, d, r, k,
                            strides, scalars, flags, tail, ce_weight, ignore_index, needs_weight_grad)
         _launch_dense_bwd(ptrs, lse, coef, bufs, n, v, d, r, strides, scalars, flags,
-                          h.dtype == torch.float32, needs_weight_grad, hidden_grad=True)
+                          h.dtype == torch.float32, needs_weight_grad)
     return _finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, *bufs, needs_weight_grad)
+
+
+# Bytes of kept tiles ([chunk, V] in the input dtype) a trainable-head single pass may hold:
+# the token chunk it sweeps at once. 2 GiB is 8192 tokens at V = 128256 in bf16, 128 token
+# blocks: about one wave on an H100/H200.
+_KEPT_BYTES_DEFAULT = 2 << 30
+
+
+def _kept_chunk_rows(n, v, element_size, block_n):
+    """Token rows per single-pass chunk (a multiple of block_n), from PDENGINE_KEPT_TILE_BYTES."""
+    raw = os.environ.get("PDENGINE_KEPT_TILE_BYTES")
+    budget = _KEPT_BYTES_DEFAULT
+    if raw is not None:
+        if not raw.isdigit() or int(raw) <= 0:
+            raise ValueError(f"PDENGINE_KEPT_TILE_BYTES must be a positive whole number of bytes, got {raw!r}")
+        budget = int(raw)
+    rows = max(block_n, budget // max(1, v * element_size) // block_n * block_n)
+    return min(rows, triton.cdiv(n, block_n) * block_n)
 
 
 def linear_topk_kl_forward_backward(grad_loss, hidden, weight, lora_a, lora_b, teacher_ids,
@@ -624,9 +704,9 @@ def linear_topk_kl_forward_backward(grad_loss, hidden, weight, lora_a, lora_b, t
     front, in one sweep over the vocabulary per token block (`_sweep_kernel`: the lse and
     the dense hidden gradient together, 4 N d V GEMM FLOPs), then the per-token sparse
     kernel (loss, sparse terms, the per-row scale). dW and the lm_head LoRA's dB need the
-    final lse of every token: a second sweep (`_dense_bwd_kernel` without the hidden
-    gradient) recomputes the logit tiles for them, 8 N d V in all with a trainable lm_head
-    (the C++ backend's 6 keeps the tiles between its passes)."""
+    final lse of every token: the sweep keeps its tiles for a token chunk (at most
+    PDENGINE_KEPT_TILE_BYTES, 2 GiB by default) and `_kept_wgrad_kernel` turns them into dW
+    and dB once the chunk's lse is final: 6 N d V with a trainable lm_head, as on CPU."""
     h, w, ha, b = _prepare(hidden, weight, lora_a, lora_b, lora_scale)
     ids = teacher_ids.contiguous()
     lp = teacher_logprobs.contiguous()
@@ -635,18 +715,37 @@ def linear_topk_kl_forward_backward(grad_loss, hidden, weight, lora_a, lora_b, t
     ieee = h.dtype == torch.float32
     loss = torch.empty(n, device=h.device, dtype=torch.float32)
     bufs = _grad_buffers(n, d, v, r, ha is not None, needs_weight_grad, h.device, zero_dh=True)
-    if n > 0:
-        row_max, row_sum, coef = (torch.empty(n, device=h.device, dtype=torch.float32) for _ in range(3))
-        cfg = config("sweep", h.dtype)
-        _sweep_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-            *ptrs, row_max, row_sum, bufs[0], bufs[2], n, v, d, r, *strides,
-            scalars["inv_tau"], scalars["softcap"], IEEE=ieee, **flags, **cfg)
-        lse = row_max + row_sum.log()
-        _launch_sparse_bwd(grad_loss, ptrs, ids, lp, labels, lse, coef, bufs, loss, row_sum, n, d, r,
-                           k, strides, scalars, flags, tail, ce_weight, ignore_index, needs_weight_grad)
-        if needs_weight_grad or ha is not None:
-            _launch_dense_bwd(ptrs, lse, coef, bufs, n, v, d, r, strides, scalars, flags, ieee,
-                              needs_weight_grad, hidden_grad=False)
+    if n == 0:
+        return (loss, *_finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, *bufs, needs_weight_grad))
+    keep = bool(needs_weight_grad) or ha is not None
+    cfg = config("sweep_keep" if keep else "sweep", h.dtype)  # _kept_wgrad_kernel's tiles too
+    n_tiles = triton.cdiv(v, cfg["BLOCK_V"])
+    chunk = _kept_chunk_rows(n, v, h.element_size(), cfg["BLOCK_N"]) if keep else n
+    kept = torch.empty(chunk * v if keep else 0, device=h.device, dtype=h.dtype)
+    tile_max = torch.empty(chunk * n_tiles if keep else 0, device=h.device, dtype=torch.float32)
+    row_max, row_sum, coef = (torch.empty(n, device=h.device, dtype=torch.float32) for _ in range(3))
+    grad_loss = grad_loss.reshape(n)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        rows = c1 - c0
+        part = lambda t: None if t is None else t[c0:c1]  # noqa: E731  (row slices: views)
+        c_ptrs = (h[c0:c1], w, ptrs[2][c0:c1] if ha is not None else ptrs[2], ptrs[3])
+        c_bufs = (bufs[0][c0:c1], bufs[1], bufs[2][c0:c1] if ha is not None else bufs[2], bufs[3])
+        _sweep_kernel[(triton.cdiv(rows, cfg["BLOCK_N"]),)](
+            *c_ptrs, row_max[c0:c1], row_sum[c0:c1], c_bufs[0], c_bufs[2],
+            kept if keep else row_max, tile_max if keep else row_max, rows, v, d, r, *strides, n_tiles,
+            scalars["inv_tau"], scalars["softcap"], IEEE=ieee, KEEP=keep, **flags, **cfg)
+        lse = row_max[c0:c1] + row_sum[c0:c1].log()
+        _launch_sparse_bwd(grad_loss[c0:c1], c_ptrs, ids[c0:c1], lp[c0:c1], part(labels), lse, coef[c0:c1],
+                           c_bufs, loss[c0:c1], row_sum[c0:c1], rows, d, r, k, strides, scalars, flags, tail,
+                           ce_weight, ignore_index, needs_weight_grad)
+        if keep:
+            scale = coef[c0:c1] / row_sum[c0:c1]  # coef / s: the dense part's per-row factor
+            _kept_wgrad_kernel[(triton.cdiv(rows, cfg["BLOCK_N"]), n_tiles)](
+                c_ptrs[0], c_ptrs[2], kept, tile_max, row_max[c0:c1], scale, c_bufs[1], c_bufs[3],
+                rows, v, d, r, strides[0], strides[2], n_tiles,
+                HAS_LORA=ha is not None, WEIGHT_GRAD=bool(needs_weight_grad), IEEE=ieee,
+                BLOCK_R=flags["BLOCK_R"], **cfg)
     return (loss, *_finish_grads(hidden, weight, lora_a, lora_b, lora_scale, h, *bufs, needs_weight_grad))
 
 

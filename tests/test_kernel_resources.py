@@ -29,7 +29,7 @@ def test_shipped_configs_fit_sm90(tmp_path):
     assert report.exists(), out.stderr[-3000:]
     rows = json.loads(report.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_lse_kernel", "_sweep_kernel", "_dense_bwd_kernel", "_sparse_fwd_kernel",
+    assert kernels == {"_lse_kernel", "_sweep_kernel", "_kept_wgrad_kernel", "_dense_bwd_kernel", "_sparse_fwd_kernel",
                        "_sparse_bwd_kernel", "_chunk_topk_kernel", "_extended_k_kernel", "_mm_kernel",
                        "_nf4_extended_k_kernel"}
     problems = [line for line in out.stdout.splitlines() if line.startswith("PROBLEM:")]

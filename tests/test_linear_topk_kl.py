@@ -98,8 +98,8 @@ def _assert_close(name, got, want, tol, scale=0.0):
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_reference(backend, case, passes, monkeypatch):
     """passes="two": the forward op, then the backward op from its lse. passes="single":
-    linear_topk_kl_forward_backward, with the C++ chunk budget shrunk so that the N = 37
-    tokens take several chunks and a short last one."""
+    linear_topk_kl_forward_backward, with the C++ chunk budget and the Triton kept-tile
+    budget shrunk so that the N = 37 tokens take several chunks and a short last one."""
     k, mode, temp, cap, lora, ce, ignored, teacher, dtype, wgrad = CASES[case]
     device = backend_device(backend)
     x = _make_inputs(k, temp, cap, lora, ignored, teacher, dtype, device)
@@ -114,6 +114,8 @@ def test_kernel_matches_reference(backend, case, passes, monkeypatch):
         grads = backend_op(backend, "linear_topk_kl_backward")(grad_loss, *args[:7], lse, *args[7:], wgrad)
     else:
         monkeypatch.setenv("PDENGINE_CPU_CHUNK_BYTES", str(16 * V * 8))  # 16 or 32 token rows
+        # Triton: kept tiles for one 32-row token block per chunk (chunks of 32 and 5 rows)
+        monkeypatch.setenv("PDENGINE_KEPT_TILE_BYTES", str(32 * V * 2))
         loss, *grads = backend_op(backend, "linear_topk_kl_forward_backward")(grad_loss, *args, wgrad)
 
     ref_loss, ref_grads = _reference(x, mode, temp, cap, ce if labels is not None else 0.0, wgrad, grad_loss)

@@ -250,10 +250,11 @@ class _SinglePassLoss(torch.autograd.Function):
     before the backward: 1/count or 1. The forward then runs the single-pass op for that
     grad_loss and keeps (dh, dW, dA, dB); the backward only scales them by the incoming
     scalar gradient. Exact, not an approximation: the result is linear in the per-token
-    losses. With a frozen lm_head both backends run 4 N d V GEMM FLOPs instead of forward +
-    backward's 6 (Triton: one sweep that accumulates the hidden gradient with online
-    rescaling); with a trainable one C++ runs 6 instead of 8 (it keeps a token chunk's
-    logit tiles between its passes) and Triton 8 (a second sweep recomputes them for dW).
+    losses. Both backends run 4 N d V GEMM FLOPs with a frozen lm_head instead of forward +
+    backward's 6, and 6 instead of 8 with a trainable one: C++ keeps a token chunk's logit
+    tiles between its lse pass and its gradient pass; Triton makes one sweep that
+    accumulates the hidden gradient with online rescaling and keeps the chunk's tiles for
+    dW (PDENGINE_KEPT_TILE_BYTES, 2 GiB by default).
     The gradients live from the forward to the backward, as in Liger-Kernel's fused linear
     cross-entropy.
     """
