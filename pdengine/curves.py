@@ -72,7 +72,8 @@ def _title(run_dir: Path | None, n_steps: int) -> str:
         try:
             run = json.loads(run_file.read_text(encoding="utf-8"))
             model, loss = run.get("model"), (run.get("config") or {}).get("loss")
-            parts += [str(Path(str(model)).name)] if model else []
+            # The last two path parts: "runs/demo/model" says more than "model".
+            parts += ["/".join(Path(str(model)).parts[-2:])] if model else []
             parts += [f"loss={loss}"] if loss else []
         except (ValueError, UnicodeDecodeError, AttributeError):
             pass  # a title is no reason to fail; run.json is checked where it matters

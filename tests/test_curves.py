@@ -99,4 +99,4 @@ def test_title_names_model_loss_steps(tmp_path):
     _write_metrics(tmp_path, _trainer_rows(5))
     (tmp_path / "run.json").write_text(json.dumps({"model": "/m/Llama-3-8B", "config": {"loss": "sft"}}))
     title = curves._title(tmp_path, 5)
-    assert title.startswith("training: Llama-3-8B, loss=sft, 5 steps, 20")
+    assert title.startswith("training: m/Llama-3-8B, loss=sft, 5 steps, 20")
