@@ -119,7 +119,7 @@ def test_demo_cli_defaults():
 
 def test_demo_defaults_are_the_papers_sampling_and_three_training_seeds():
     cfg = DemoConfig()
-    assert (cfg.answer_temperature, cfg.seeds, cfg.progress) == (1.5, 3, True)
+    assert (cfg.answer_temperature, cfg.seeds, cfg.progress, cfg.threads) == (1.5, 3, True, 1)
     assert DemoConfig.fast().seeds == 1 and DemoConfig.fast(seeds=2).seeds == 2
 
 
@@ -142,7 +142,9 @@ def test_the_cli_passes_seeds_and_progress_to_the_demo(monkeypatch, tmp_path):
     assert run(parser.parse_args(["--out", str(tmp_path), "--seeds", "1", "--no-progress"])) == 0
     assert (seen["cfg"].seeds, seen["cfg"].progress, seen["cfg"].answer_temperature) == (1, False, 1.5)
     run(parser.parse_args(["--out", str(tmp_path)]))
-    assert (seen["cfg"].seeds, seen["cfg"].progress) == (3, True)
+    assert (seen["cfg"].seeds, seen["cfg"].progress, seen["cfg"].threads) == (3, True, 1)
+    run(parser.parse_args(["--out", str(tmp_path), "--threads", "2"]))
+    assert seen["cfg"].threads == 2
 
 
 def _methods(**contains):

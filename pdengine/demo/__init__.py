@@ -25,7 +25,9 @@ def add_arguments(parser) -> None:
                         help="seed of --pretrain (1 reproduces the shipped checkpoint)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of PD and SFT (default 300)")
     parser.add_argument("--documents", type=int, default=None, help="new documents, 1..30 (default 30)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1: the tiny model gains little from a second thread, "
+                             "and on a busy machine two threads spin-wait for each other, 10x slower)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (the one-line-per-stage log stays)")
 
@@ -34,7 +36,9 @@ def run(args) -> int:
     """Run the demo; prints the table and writes OUT/report.json. Returns 0 on success."""
     from pdengine.demo.pipeline import DemoConfig, run_demo
 
-    overrides = {"seed": args.seed, "threads": args.threads, "progress": not args.no_progress}
+    overrides = {"seed": args.seed, "progress": not args.no_progress}
+    if args.threads is not None:
+        overrides["threads"] = args.threads
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.steps is not None:

@@ -60,7 +60,10 @@ class DemoConfig:
     batch_tokens: int = 1024
     rag_top_n: int = 1
     batch_size: int = 64
-    threads: int = 2
+    # one thread: measured on the shared 2-core machine, two threads took 178 s of wall and
+    # 42 s of CPU to write the questions where one took 8 s and 3.5 s (the second thread
+    # spin-waits when the machine is busy; the model is too small to split its matmuls)
+    threads: int = 1
     gate: float = 0.95
     gate_sample: int = 180
     progress: bool = True
