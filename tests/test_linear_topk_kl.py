@@ -454,3 +454,14 @@ def test_no_logits_sized_allocation(monkeypatch):
 
 # GPU compilation without a GPU (every kernel, every shipped config, spills and shared
 # memory included): tests/test_kernel_resources.py.
+
+
+@pytest.mark.parametrize("value", ["", "2GB", "-1", "0"])
+def test_bad_kept_tile_budget_is_a_clear_error(monkeypatch, value):
+    """The Triton single pass's kept-tile budget (a trainable lm_head keeps its tiles)."""
+    monkeypatch.setenv("PDENGINE_KEPT_TILE_BYTES", value)
+    x = _api_inputs(lora=False)
+    args = (x["hidden"].reshape(15, -1), x["weight"], None, None, x["teacher_ids"].reshape(15, -1),
+            x["teacher_logprobs"].reshape(15, -1), None, 1.0, 1.0, 0.0, True, 0.0, -100)
+    with pytest.raises(ValueError, match="PDENGINE_KEPT_TILE_BYTES must be a positive whole number"):
+        backend_op("triton", "linear_topk_kl_forward_backward")(torch.ones(15), *args, True)
