@@ -92,7 +92,8 @@ def test_demo_recipe_matches_the_demo_settings():
 def test_paper_recipe_has_the_papers_student_settings():
     plans = {p.name: p.settings for p in _validate(pipeline.load_config(EXAMPLES / "llama3-8b-instruct.yaml"))}
     train = plans["train"]
-    assert (train.lora_r, train.lora_alpha, train.lora_dropout, train.lr, train.epochs) == (1024, 2048, 0.05, 1e-5, 10)
+    assert (train.lora_r, train.lora_alpha, train.lora_dropout) == (1024, 2048, 0.05)
+    assert (train.lr, train.epochs) == (1e-5, 10)
     assert train.lora_lm_head and not train.lora_embeddings
     assert (plans["generate"].n_questions, plans["generate"].per_call, plans["generate"].temperature) == (30, 5, 1.5)
     assert plans["answer"].temperature == 1.5

@@ -141,7 +141,8 @@ def test_eval_questions_with_missing_documents_counted():
                  {"doc_id": "gone", "question": "q2", "answer": "a"}]
     report, err = _run(IC.check_eval_documents, QA_DOCS, questions)
     assert report.counts == {"questions": 3, "missing_document": 2, "missing_ids": 1}
-    assert "eval: warning: 2 of 3 eval questions name a document that is not among the documents (1 ids: 'gone')" in err
+    assert ("eval: warning: 2 of 3 eval questions name a document that is not among the documents "
+            "(1 ids: 'gone')") in err
 
 
 def test_eval_questions_all_missing_is_an_input_error():
