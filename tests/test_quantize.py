@@ -317,3 +317,64 @@ def test_quantize_model_keeps_lora_adapters(checkpoint):
     layers = [m for m in model.modules() if isinstance(m, qlora.QuantizedLoRALinear)]
     assert len(layers) == 14 and type(model.lm_head) is LoRALinear  # the output layer stays dense
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+# ------------------------------------------------------------- adapters, PEFT format
+
+
+def _trained_nf4_adapter(checkpoint, path):
+    """A LoRA trained-looking (random B) on the NF4 base, saved in PEFT's format."""
+    from pdengine.lora import save_adapter
+
+    model = add_lora(_load(checkpoint, None), 4, 8.0)
+    qlora.quantize_model(model, "nf4")
+    torch.manual_seed(5)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    save_adapter(model, path)
+    return model
+
+
+def test_nf4_adapter_loads_on_a_full_precision_base(checkpoint, tmp_path):
+    from pdengine.lora import load_adapter
+
+    model = _trained_nf4_adapter(checkpoint, tmp_path / "adapter")
+    dense = load_adapter(_load(checkpoint, None), tmp_path / "adapter")
+    ours = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    theirs = {n: p for n, p in dense.named_parameters() if "lora_" in n}
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_nf4_adapter_in_peft_on_a_bitsandbytes_model(checkpoint, tmp_path):
+    """PEFT's own LoRA on bitsandbytes' own NF4 layers computes what our layers do."""
+    from peft import PeftModel
+
+    model = _trained_nf4_adapter(checkpoint, tmp_path / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(_load(checkpoint, "nf4"), tmp_path / "adapter").eval()
+    ids = _batch()
+    with torch.no_grad():
+        assert _rel(model(input_ids=ids).logits, peft_model(input_ids=ids).logits) < 1e-5
+
+
+# --------------------------------------------------------------- bench/qlora.py smoke
+
+
+def test_bench_qlora_runs_and_its_formula_counts_the_base(monkeypatch):
+    """bench/qlora.py at a tiny shape: every base runs, NF4 gradients equal the dequantized
+    twin's, and the formula's base bytes are the measured ones."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "bench"))
+    import qlora as bench
+
+    tiny = (dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2), torch.float32, 32, 1, 4)
+    monkeypatch.setitem(bench.PRESETS, "tiny", tiny)
+    rows = bench.measure("tiny", ["dense", "nf4", "int8"], torch.device("cpu"), reps=1)
+    assert [r["base"] for r in rows] == ["float32", "nf4", "int8"]
+    for row in rows:
+        assert abs(row["base_linears_MB"] / row["predicted_base_linears_MB"] - 1) < 0.02, row
+        assert row["step_ms"] > 0
+    assert rows[0]["base_linears_MB"] / rows[1]["base_linears_MB"] > 3.5
+    assert rows[1]["nf4_grad_rel_err"] <= 1e-5
+    estimate = bench.eight_b_estimate()
+    assert estimate[0]["resident_GB"] > 16 > estimate[1]["resident_GB"] > 5
