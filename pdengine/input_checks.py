@@ -31,6 +31,7 @@ UNK_WARN_SHARE = 0.03   # a few percent of <unk>: facts are being lost
 UNK_ERROR_SHARE = 0.5   # half the text unknown: nothing left worth injecting
 DUPLICATE_OVERLAP = 0.8  # word-set Jaccard at or above which two questions say the same
 _EXAMPLES = 3           # ids named in a warning line at most
+_TOKENIZE_BATCH = 256   # texts per tokenizer call (fast tokenizers batch in Rust)
 
 
 @dataclass
@@ -71,12 +72,15 @@ def unknown_token_counts(tokenizer, texts) -> tuple[int, int]:
     """(number of `<unk>` tokens, number of tokens) over `texts`; (0, n) for a tokenizer
     without an unknown token (byte-level BPE can spell anything)."""
     unk_id = getattr(tokenizer, "unk_token_id", None)
+    texts = list(texts)
     unknown = total = 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        total += len(ids)
-        if unk_id is not None:
-            unknown += sum(1 for i in ids if i == unk_id)
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        # verbose=False: a document longer than the model's context is not this check's concern
+        batch = tokenizer(texts[start:start + _TOKENIZE_BATCH], add_special_tokens=False, verbose=False)
+        for ids in batch["input_ids"]:
+            total += len(ids)
+            if unk_id is not None:
+                unknown += sum(1 for i in ids if i == unk_id)
     return unknown, total
 
 

@@ -154,3 +154,9 @@ def test_warnings_go_to_stderr_by_default(capsys):
     IC.check_eval_documents(QA_DOCS, [{"doc_id": "d1", "question": "q"}, {"doc_id": "z", "question": "q"}])
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "1 of 2 eval questions" in captured.err
+
+
+def test_unknown_token_counts_batch_many_texts():
+    tok = qa_tokenizer()
+    texts = ["Ada lives in Oslo", "Zed lives in Lima"] * 300  # more than one tokenizer batch
+    assert IC.unknown_token_counts(tok, texts) == (600, 2400)
