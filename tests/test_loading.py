@@ -60,6 +60,8 @@ def test_an_unavailable_attention_implementation_is_an_input_error(tmp_path):
         loading.load_model_and_tokenizer(tmp_path, device="cpu", attn_implementation="flash_attention_2")
     with pytest.raises(InputError, match="not available on cpu for training"):  # no CPU backward
         loading.load_model_and_tokenizer(tmp_path, device="cpu", attn_implementation="flex_attention", training=True)
+    with pytest.raises(InputError, match="'flex_attention' cannot be used on the CPU"):  # its kernels crash there
+        loading.load_model_and_tokenizer(tmp_path, device="cpu", attn_implementation="flex_attention")
 
 
 def test_add_model_arguments_and_load_from_args(tmp_path):
