@@ -37,6 +37,7 @@ from pdengine.metrics import (  # noqa: F401  (public here too)
 from pdengine.prompts import DEFAULT_FORMAT, PromptFormat
 from pdengine.report import as_number, markdown_table, write_report  # noqa: F401  (public here too)
 from pdengine.retrieval import retrieve
+from pdengine.training import prompt_record
 
 # method key -> the name it has in reports (the demo's report.json uses these)
 METHOD_NAMES = {"closed_book": "base_closed_book", "open_book": "teacher_open_book", "rag": "rag_bm25",
@@ -296,6 +297,9 @@ def add_arguments(parser) -> None:
                         help="a trained adapter, answered closed-book and reported as NAME (repeatable; "
                              "one NAME given several times = several training seeds, reported together)")
     parser.add_argument("--questions", required=True, help="evaluation JSONL: {doc_id, question, answer}")
+    parser.add_argument("--allow-other-system", action="store_true",
+                        help="evaluate with a --system (or chat template) other than the adapters' run.json "
+                             "records (default: the recorded one; a different one is refused)")
     C.add_arguments(parser, EvalConfig)
 
 
@@ -331,15 +335,20 @@ def run(args) -> int:
     documents = read_jsonl(args.documents, required=("id", "text"))
     questions = read_jsonl(args.questions, required=("doc_id", "question", "answer"))
     check_eval_inputs(documents, questions)  # before any model loads
+    # The students' own prompt (docs/DESIGN.md, "Evaluation"): run.json's unless told otherwise.
+    allow_other = getattr(args, "allow_other_system", False)
+    fmt, trained_prompt = prompt_record.eval_format(
+        args.system, [p for paths in adapters.values() for p in paths], allow_other)
     with DirectoryLock(args.out, purpose="pdengine eval"):
         model, tokenizer = generation.load_model(args.model, cfg, args.device)
+        prompt_record.check_template(tokenizer, fmt, trained_prompt, allow_other)
         judge_model = judge_tokenizer = None
         if cfg.judge_model:
             judge_model, judge_tokenizer = generation.load_model(cfg.judge_model, cfg, args.device)
         metrics, per_question = evaluate(
             model, tokenizer, documents, questions, cfg,
             students={name: [_adapter_loader(args, cfg, p) for p in paths] for name, paths in adapters.items()},
-            judge_model=judge_model, judge_tokenizer=judge_tokenizer, fmt=PromptFormat(system=args.system),
+            judge_model=judge_model, judge_tokenizer=judge_tokenizer, fmt=fmt,
         )
         paths = write_report(args.out, metrics, per_question,
                              extra={"model": str(args.model), "settings": C.to_dict(cfg),

@@ -20,7 +20,7 @@ import torch
 from pdengine import modeling
 from pdengine.errors import InputError
 from pdengine.locking import DirectoryLock
-from pdengine.training import checkpoints, run_dir
+from pdengine.training import checkpoints, prompt_record, run_dir
 from pdengine.training.batching import mix_seed, pack_teacher
 from pdengine.training.config import TrainConfig
 from pdengine.training.losses import compute_loss, to_device
@@ -249,7 +249,8 @@ def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: 
     if resume:
         run_dir.repair_metrics(out, trainer.step)
     name = str(getattr(model.config, "_name_or_path", "") or "")
-    trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name)
+    prompt = prompt_record.prompt_of(cache)
+    trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name, prompt)
     started = time.perf_counter()
     progress = _progress_bar(trainer.total_steps, trainer.step, config.progress)
     try:

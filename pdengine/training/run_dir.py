@@ -46,9 +46,12 @@ def saved_config(run: dict, path: Path) -> TrainConfig:
 
 
 def write_run(out: Path, config: TrainConfig, cache_identity: dict, replay_identity: dict | None,
-              model_name: str) -> None:
+              model_name: str, prompt: dict | None = None) -> None:
+    """`prompt`: the cache manifest's template record (chat template fingerprint and the
+    PromptFormat, system prompt included) that `pdengine eval` holds the student to."""
     atomic_write_json(Path(out) / RUN_FILE, {"config": config.to_dict(), "cache": cache_identity,
-                                             "replay_cache": replay_identity, "model": model_name})
+                                             "replay_cache": replay_identity, "model": model_name,
+                                             "prompt": prompt})
 
 
 def check_fresh(out: Path) -> None:
