@@ -119,8 +119,8 @@ def section_machine(suite: Suite):
     n = 256 if suite.dry else 8192
     a = torch.randn(n, n, device=suite.device, dtype=suite.dtype)
     b = torch.randn(n, n, device=suite.device, dtype=suite.dtype)
-    row = suite.timed("machine", f"matmul {n}^3 {str(suite.dtype)[6:]}", "torch matmul (cuBLAS on a GPU)", lambda: a @ b,
-                      flops=2 * n**3)
+    row = suite.timed("machine", f"matmul {n}^3 {str(suite.dtype)[6:]}", "torch matmul (cuBLAS on a GPU)",
+                      lambda: a @ b, flops=2 * n**3)
     suite.gemm_tflops = row.get("tflops")
     row["pct_gemm"] = 100.0 if suite.gemm_tflops else None
     numel = (1 << 20) if suite.dry else (1 << 30)  # 2 GiB of bf16 each way on a GPU

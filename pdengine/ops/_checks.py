@@ -118,7 +118,8 @@ def _raw_index_ranges(ids, labels, vocab, ignore_index):
     if labels is not None:
         bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
         if bad.numel():
-            raise ValueError(f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}, got {int(bad[0])}")
+            raise ValueError(f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}, "
+                             f"got {int(bad[0])}")
 
 
 def raw_grad_loss(grad_loss, n):
