@@ -60,14 +60,44 @@ def check_not_quantized(model_dir: Path, adapter_dir: Path) -> None:
             kind = method.get("quant_method", "quantized") if isinstance(method, dict) else "quantized"
             raise InputError(f"{model_dir} is a {kind} checkpoint: a merged export needs the full-precision "
                              "base (export from the unquantized model, or serve the adapter with this base)")
+    quantize, source = _trained_quantization(adapter_dir)
+    if quantize:
+        raise InputError(f"{adapter_dir} was trained on a {quantize}-quantized base ({source}): merged "
+                         "into the full-precision weights it would be another model; serve the adapter "
+                         "with the quantized base instead")
+
+
+def _trained_quantization(adapter_dir: Path) -> tuple[str | None, Path | None]:
+    """(quantization, the file that says so) of the base an adapter was trained on, from
+    the training run's run.json: its `quantize` setting, else the model config its teacher
+    cache recorded (a bitsandbytes load puts `quantization_config` there). (None, None)
+    for a plain base or an adapter without its run directory."""
     for run_file in (adapter_dir / "run.json", adapter_dir.parent / "run.json"):
-        if run_file.is_file():
-            quantize = (_read_json(run_file).get("config") or {}).get("quantize")
-            if quantize not in (None, "none"):
-                raise InputError(f"{adapter_dir} was trained on a {quantize}-quantized base ({run_file}): merged "
-                                 "into the full-precision weights it would be another model; serve the adapter "
-                                 "with the quantized base instead")
-            return
+        if not run_file.is_file():
+            continue
+        run = _read_json(run_file)
+        quantize = (run.get("config") or {}).get("quantize")
+        if quantize not in (None, "none"):
+            return str(quantize), run_file
+        cache = run.get("cache") or {}
+        manifest = Path(str(cache.get("path", ""))) / "manifest.json" if isinstance(cache, dict) else None
+        if manifest is not None and manifest.is_file():
+            method = ((_read_json(manifest).get("model") or {}).get("config") or {}).get("quantization_config")
+            if method:
+                return _quantization_kind(method), manifest
+        return None, None
+    return None, None
+
+
+def _quantization_kind(method) -> str:
+    """"nf4" / "int8" for a bitsandbytes quantization_config, else its quant_method."""
+    if not isinstance(method, dict):
+        return "quantized"
+    if method.get("load_in_4bit"):
+        return str(method.get("bnb_4bit_quant_type") or "4-bit")
+    if method.get("load_in_8bit"):
+        return "int8"
+    return str(method.get("quant_method") or "quantized")
 
 
 def _check_out(out_dir: Path, force: bool) -> None:

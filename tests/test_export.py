@@ -116,6 +116,24 @@ def test_adapter_trained_on_a_quantized_base_is_refused(tmp_path):
     X.export_merged(base, tmp_path / "train" / "adapter", tmp_path / "merged", log=lambda m: None)
 
 
+def test_adapter_whose_teacher_cache_was_quantized_is_refused(tmp_path):
+    """run.json without a quantize setting: the cache manifest's model config tells."""
+    base = _base(tmp_path / "base", tied=False)
+    _adapter(base, tmp_path / "train" / "adapter", ["q_proj"])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    manifest = {"model": {"config": {"model_type": "llama", "quantization_config": bnb}}}
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    run = {"config": {"lr": 1e-4}, "cache": {"path": str(cache)}}
+    (tmp_path / "train" / "run.json").write_text(json.dumps(run))
+    with pytest.raises(InputError, match="trained on a nf4-quantized base .*manifest.json"):
+        X.export_merged(base, tmp_path / "train" / "adapter", tmp_path / "merged")
+    manifest["model"]["config"].pop("quantization_config")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    X.export_merged(base, tmp_path / "train" / "adapter", tmp_path / "merged", log=lambda m: None)
+
+
 def test_existing_output_needs_force_and_other_files_are_never_replaced(tmp_path):
     base = _base(tmp_path / "base", tied=False)
     _adapter(base, tmp_path / "adapter", ["q_proj"])
