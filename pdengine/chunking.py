@@ -154,13 +154,14 @@ def split_document(doc: dict, count, tokenizer, settings: ChunkConfig) -> list[d
     if count(text) <= settings.chunk_tokens:
         return [doc]
     spans = _pieces(text, 0, len(text), 0, settings.chunk_tokens, count, tokenizer)
-    source_id = str(doc["id"])
-    extra = {k: v for k, v in doc.items() if k not in ("id", "text")}
+    # A chunk cut again (a chunked file chunked smaller) keeps pointing at the original.
+    source_id, offset = str(doc.get("source_id", doc["id"])), int(doc.get("source_start", 0))
+    extra = {k: v for k, v in doc.items() if k not in ("id", "text", "source_id", "source_start")}
     chunks = []
     for i, (first, stop) in enumerate(_pack(text, spans, settings.chunk_tokens, settings.overlap_tokens, count)):
         start, end = spans[first][0], spans[stop - 1][1]
-        chunks.append({**extra, "id": chunk_id(source_id, i), "text": text[start:end], "source_id": source_id,
-                       "source_start": start})
+        chunks.append({**extra, "id": chunk_id(str(doc["id"]), i), "text": text[start:end], "source_id": source_id,
+                       "source_start": offset + start})
     return chunks
 
 

@@ -57,6 +57,9 @@ def test_chunks_end_at_sentence_ends_and_round_trip(tok):
         assert start == 0 or text[start - 1].isspace()
     assert reassemble(chunks) == text
     assert reassemble(list(reversed(chunks))) == text  # order of the list does not matter
+    smaller = _chunk(chunks, tok, 6)  # chunks chunked again still point at the original
+    assert {c["source_id"] for c in smaller} == {"d"} and smaller[0]["id"] == "d#0#0"
+    assert reassemble(smaller) == text
     with pytest.raises(InputError, match="a chunk of this document is missing"):
         reassemble([chunks[0], chunks[2]])
 
