@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pdengine import config as settings
 from pdengine.errors import InputError
-from pdengine.training import run_dir
+from pdengine.training import advice, run_dir
 from pdengine.training.config import TrainConfig
 from pdengine.training.loop import TrainingError, train
 
@@ -75,6 +75,9 @@ def run(args) -> int:
         run_dir.refuse_changes(out, run_dir.setting_changes(out, run_record, config))
     paths = _paths(args, run_record)
     model, tokenizer = load_model_and_tokenizer(paths["model"], device=args.device)
+    warning = None if args.resume else advice.small_model_warning(model, config)
+    if warning:
+        print(f"pdengine train: {warning}", file=sys.stderr)
     temperature = config.temperature if config.loss == "pd" else None
     cache = TeacherCache(paths["cache"], model=model, tokenizer=tokenizer, temperature=temperature)
     replay = None
