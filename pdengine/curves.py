@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -152,4 +153,35 @@ def plot_training_curves(source, out=None) -> Path:
     return out
 
 
-__all__ = ["plot_training_curves", "training_figure", "curve_series", "read_metrics"]
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    """Options of `pdengine curves` (also `python -m pdengine.curves`)."""
+    parser.add_argument("run", help="a training run directory (pdengine train --out) or its metrics.jsonl")
+    parser.add_argument("--out", default=None, help=f"the PNG (default: RUN/{OUTPUT_FILE})")
+
+
+def run(args) -> int:
+    """`pdengine curves RUN [--out PNG]`."""
+    print(f"wrote {plot_training_curves(args.run, args.out)}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pdengine.curves", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        parser.exit(2, f"pdengine: error: {e}\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["plot_training_curves", "training_figure", "curve_series", "read_metrics", "add_arguments", "run"]

@@ -100,3 +100,14 @@ def test_title_names_model_loss_steps(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"model": "/m/Llama-3-8B", "config": {"loss": "sft"}}))
     title = curves._title(tmp_path, 5)
     assert title.startswith("training: m/Llama-3-8B, loss=sft, 5 steps, 20")
+
+
+def test_module_command_line(tmp_path, capsys):
+    _write_metrics(tmp_path / "run", _trainer_rows(3))
+    assert curves.main([str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "training_curves.png").is_file()
+    assert "training_curves.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        curves.main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "no such training run" in capsys.readouterr().err
