@@ -90,7 +90,8 @@ def summary_text(report: dict) -> str:
     seeds = report["config"]["seeds"]
     lines = [
         markdown_table(methods, n_questions=report["n_eval_questions"])
-        + f"(sft and prompt_distillation: mean of {seeds} training seeds; intervals over seeds and questions)",
+        + (f"(sft, prompt_distillation, pd_rag: mean of {seeds} training seeds; intervals over seeds and questions)"
+           if seeds > 1 else "(one training seed: intervals over questions only; --seeds 3 adds the training noise)"),
         comparisons_markdown(key),
         f"facts the teacher gets right: {right['n']}/{report['n_eval_questions']}; on them, contains: "
         + ", ".join(f"{m} {v:.3f}" for m, v in right.items() if m != "n" and v is not None),
