@@ -13,12 +13,15 @@ from pdengine.config import FRACTION, NON_NEGATIVE, POSITIVE, Check, check_setti
 
 LOSSES = ("pd", "sft", "online_kl")
 MODES = ("tail", "renorm")
+SCHEDULES = ("linear", "cosine")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AT_LEAST_ONE = Check(lambda v: v >= 1, ">= 1")
 
 # Settings that may change between a run and its resumption: they decide how far the run
 # goes, how often it saves and what it prints, never what a given step computes.
-RESUMABLE_SETTINGS = ("max_steps", "save_every", "keep_checkpoints", "progress", "grad_checkpointing")
+# The validation loss and TensorBoard only observe the run (model.eval(), no gradient, no RNG).
+RESUMABLE_SETTINGS = ("max_steps", "save_every", "keep_checkpoints", "progress", "grad_checkpointing",
+                      "eval_every", "tensorboard")
 
 
 @dataclass
@@ -35,13 +38,21 @@ class TrainConfig:
                                  "for pd", check=POSITIVE)
     mode: str = setting("tail", "tail keeps the teacher's mass outside its top-k; renorm drops it",
                         choices=MODES)
-    ce_weight: float = setting(0.0, "extra cross-entropy weight on the answer tokens (pd only)",
-                               check=NON_NEGATIVE)
+    ce_weight: float = setting(0.0, "extra cross-entropy weight on the answer tokens (pd only; loss = KL + "
+                               "ce_weight * CE, the CE at ce_temperature)", check=NON_NEGATIVE)
+    # The fused op takes one temperature: by default its CE term is at the distillation
+    # temperature (one pass). The KD convention (Hinton et al.; Liger; DistillKit) takes the
+    # hard-label CE at T=1: ce_temperature=1 does that with a second fused pass (k=1, as sft).
+    ce_temperature: float | None = setting(None, "temperature of the ce_weight cross-entropy (default: the "
+                                           "distillation temperature, one fused pass; 1: the knowledge-"
+                                           "distillation convention, a second fused pass)", check=POSITIVE)
     epochs: int = setting(10, "passes over the cache", check=POSITIVE)
     lr: float = setting(1e-5, "AdamW learning rate (peak, after warmup)", check=POSITIVE)
     weight_decay: float = setting(0.1, "AdamW weight decay", check=NON_NEGATIVE)
-    warmup_ratio: float = setting(0.1, "share of the steps with a linear warmup (then linear decay to 0)",
+    warmup_ratio: float = setting(0.1, "share of the steps with a linear warmup (then --schedule's decay to 0)",
                                   check=FRACTION)
+    schedule: str = setting("linear", "learning-rate decay after the warmup, to 0 at the schedule's end",
+                            choices=SCHEDULES)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0: no clipping)", check=NON_NEGATIVE)
     lora_r: int = setting(64, "LoRA rank of the adapters added when the model has none", check=POSITIVE)
     lora_alpha: float = setting(128.0, "LoRA alpha (scale alpha / r)", check=POSITIVE)
@@ -65,6 +76,13 @@ class TrainConfig:
                                          check=POSITIVE)
     replay_fraction: float = setting(0.0, "share of each step's loss taken by the replay cache",
                                      check=FRACTION)
+    val_fraction: float = setting(0.0, "share of the cache's QA pairs held out (never trained on) for a "
+                                  "validation loss (val_loss in metrics.jsonl)", check=FRACTION)
+    eval_every: int = setting(0, "validation loss every N optimizer steps (0: after each epoch's steps and "
+                              "at the end)", check=NON_NEGATIVE)
+    init_adapter: str | None = setting(None, "start from this PEFT adapter directory instead of new LoRA "
+                                       "(its rank, alpha and targets replace the lora_* settings)")
+    tensorboard: bool = setting(True, "also log to OUT/tensorboard when the tensorboard package is installed")
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):

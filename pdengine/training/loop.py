@@ -20,23 +20,27 @@ import torch
 from pdengine import modeling
 from pdengine.errors import InputError
 from pdengine.locking import DirectoryLock
-from pdengine.training import checkpoints, prompt_record, run_dir
+from pdengine.training import checkpoints, prompt_record, run_dir, tensorboard_log
 from pdengine.training.batching import mix_seed, pack_teacher
 from pdengine.training.config import TrainConfig
 from pdengine.training.losses import compute_loss, to_device
 from pdengine.training.model_setup import prepare_model
-from pdengine.training.sources import DataSource, Stream, as_source
+from pdengine.training.sources import DataSource, Stream, as_source, split_validation
 
 
 class TrainingError(RuntimeError):
     """Training had to stop (non-finite loss); the last good checkpoint is kept."""
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
+def _lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "linear"):
+    """Linear warmup, then a linear or cosine decay that reaches 0 at `total_steps`."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        remaining = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":  # 0.5 (1 + cos(pi * progress)), progress = 1 - remaining
+            return 0.5 * (1.0 + math.cos(math.pi * (1.0 - remaining)))
+        return remaining
 
     return factor
 
@@ -50,8 +54,9 @@ def _replay_tokens(replay: DataSource, config: TrainConfig) -> int:
 class Trainer:
     """State of one run: model, optimizer, schedule, data streams and the step counter."""
 
-    def __init__(self, model, cache: DataSource, out: Path, config: TrainConfig, replay: DataSource | None):
-        self.model, self.cache, self.out, self.config = model, cache, out, config
+    def __init__(self, model, cache: DataSource, out: Path, config: TrainConfig, replay: DataSource | None,
+                 val: DataSource | None = None):
+        self.model, self.cache, self.out, self.config, self.val = model, cache, out, config, val
         self.device = modeling.output_layer(model).weight.device
         self.autocast = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.params = prepare_model(model, config)
@@ -63,7 +68,7 @@ class Trainer:
         total = config.schedule_steps or self.steps_per_epoch * config.epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(total, max(1, math.ceil(config.warmup_ratio * total))))
+            self.optimizer, _lr_lambda(total, max(1, math.ceil(config.warmup_ratio * total)), config.schedule))
         self.step = 0
         self.main = Stream(cache, config.batch_tokens, config.seed)
         self.replay = None
@@ -143,6 +148,28 @@ class Trainer:
             self.on_first_step = None
         return {"loss": loss, "grad_norm": norm, "lr": lr}
 
+    def validation_loss(self) -> float:
+        """Mean loss per answer token over the held-out items (no dropout, no gradient)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        try:
+            with torch.no_grad():
+                for batch in self.val.batches(self.config.batch_tokens, shuffle=False):
+                    n = batch["labels"].numel()
+                    total += float(self._loss(batch, self.val)) * n
+                    tokens += n
+        finally:
+            self.model.train(was_training)
+        return total / max(tokens, 1)
+
+    def validation_due(self) -> bool:
+        """Every `eval_every` steps (0: every epoch's worth of steps) and at the last step."""
+        if self.val is None:
+            return False
+        every = self.config.eval_every or self.steps_per_epoch
+        return self.step % every == 0 or self.step >= self.total_steps
+
     def _accumulate(self):
         """(summed loss, micro-batches) of one optimizer step; (None, 0) at an epoch's end."""
         loss_sum, n_micro = None, 0
@@ -155,7 +182,7 @@ class Trainer:
             n_micro += 1
         return loss_sum, n_micro
 
-    def run(self, progress) -> list[dict]:
+    def run(self, progress, writer=None) -> list[dict]:
         """Train until `epochs` or `max_steps`; returns the per-step metric rows."""
         cfg, rows, started = self.config, [], time.perf_counter()
         while self.step < self.total_steps and self.main.epoch < cfg.epochs:
@@ -168,7 +195,10 @@ class Trainer:
             elapsed = time.perf_counter() - started
             row.update(step=self.step, epoch=epoch, tokens=self.tokens, elapsed_s=round(elapsed, 3),
                        tokens_per_s=round(self.tokens / max(elapsed, 1e-9), 1))
+            if self.validation_due():
+                row["val_loss"] = self.validation_loss()
             rows.append(row)
+            tensorboard_log.log_row(writer, row)
             run_dir.append_metrics(self.out, row)
             progress.update(1)
             progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -206,7 +236,8 @@ def train(model, tokenizer, cache, out_dir, config: TrainConfig | None = None, *
         takes the run's own settings, a given config may differ only in what does not
         change the result (`RESUMABLE_SETTINGS`: max_steps, save_every, progress, ...).
 
-    Returns dict(steps, epochs, first_loss, final_loss, tokens, seconds, tokens_per_s,
+    Returns dict(steps, epochs, first_loss, final_loss, val_loss (the last; None without
+    val_fraction), tokens, seconds, tokens_per_s,
     adapter, checkpoint). Raises InputError on bad input, TrainingError on a non-finite loss.
     """
     out = Path(out_dir)
@@ -242,7 +273,8 @@ def _sources(model, tokenizer, cache, replay_cache, config: TrainConfig):
 def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: bool, identities) -> dict:
     was_training = model.training
     model.train()
-    trainer = Trainer(model, cache, out, config, replay)
+    trained, val = split_validation(cache, config.val_fraction)
+    trainer = Trainer(model, trained, out, config, replay, val)
     latest = checkpoints.latest_checkpoint(out) if resume else None
     if latest is not None:
         trainer.restore(latest)
@@ -253,8 +285,9 @@ def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: 
     trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name, prompt)
     started = time.perf_counter()
     progress = _progress_bar(trainer.total_steps, trainer.step, config.progress)
+    writer = tensorboard_log.open_writer(out, config.tensorboard)
     try:
-        rows = trainer.run(progress)
+        rows = trainer.run(progress, writer)
     except KeyboardInterrupt:
         progress.close()
         if trainer.step > 0:  # before the first step there is no run to continue
@@ -264,6 +297,8 @@ def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: 
         raise
     finally:
         progress.close()
+        if writer is not None:
+            writer.close()
         model.train(was_training)
     return _finish(model, trainer, rows, out, time.perf_counter() - started)
 
@@ -278,6 +313,7 @@ def _finish(model, trainer: Trainer, rows: list, out: Path, seconds: float) -> d
         "epochs": trainer.epochs_run(),
         "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None,
+        "val_loss": next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None),
         "tokens": trainer.tokens,
         "seconds": seconds,
         "tokens_per_s": trainer.tokens / max(seconds, 1e-9),

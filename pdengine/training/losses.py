@@ -1,7 +1,8 @@
 """The three training losses on a packed student batch (docs/DESIGN.md, "Fused loss").
 
 - `pd`: forward KL(teacher || student) over the teacher's cached top-k at `temperature`
-  (no T^2 factor), optionally plus `ce_weight` * cross-entropy.
+  (no T^2 factor), optionally plus `ce_weight` * cross-entropy (at `temperature` by
+  default; at `ce_temperature` when given, e.g. 1 as in the KD convention).
 - `sft`: cross-entropy on the answer tokens: the same fused op with k = 1 (teacher id =
   label, log-prob 0).
 - `online_kl`: the paper's original: the teacher (the same model, adapters disabled,
@@ -66,23 +67,40 @@ def _fused_loss(model, hidden, teacher_ids, teacher_logprobs, labels, *, tempera
     )
 
 
+def _separate_ce(config: TrainConfig) -> bool:
+    """Whether the CE term needs its own pass: the fused op takes one temperature."""
+    t = config.ce_temperature
+    return config.ce_weight > 0 and t is not None and t != config.temperature
+
+
 def pd_loss(model, batch, config: TrainConfig, validate: bool = True) -> torch.Tensor:
-    """Top-k KL against the cached teacher (+ optional CE), mean over answer tokens."""
-    return _fused_loss(
-        model, target_hidden(model, batch), batch["topk_ids"], batch["topk_logprobs"],
-        batch["labels"], temperature=config.temperature, mode=config.mode, ce_weight=config.ce_weight,
+    """Top-k KL against the cached teacher (+ optional CE), mean over answer tokens.
+
+    The CE is the fused op's own term (at the distillation temperature) unless
+    `ce_temperature` asks for another one: then a second fused pass, k = 1 as in
+    `sft_loss`, gives the hard-label CE at that temperature (docs/DESIGN.md, "Fused loss")."""
+    hidden = target_hidden(model, batch)
+    separate = _separate_ce(config)
+    loss = _fused_loss(
+        model, hidden, batch["topk_ids"], batch["topk_logprobs"], batch["labels"],
+        temperature=config.temperature, mode=config.mode, ce_weight=0.0 if separate else config.ce_weight,
         validate=validate,
     )
+    if separate:
+        loss = loss + config.ce_weight * _label_ce(model, hidden, batch["labels"], config.ce_temperature, validate)
+    return loss
+
+
+def _label_ce(model, hidden, labels, temperature, validate) -> torch.Tensor:
+    """Hard-label cross-entropy at `temperature`: the fused op with k = 1 and log-prob 0."""
+    zeros = torch.zeros(labels.shape[0], 1, device=labels.device)
+    return _fused_loss(model, hidden, labels[:, None], zeros, labels, temperature=temperature, mode="tail",
+                       ce_weight=0.0, validate=validate)
 
 
 def sft_loss(model, batch, config: TrainConfig, validate: bool = True) -> torch.Tensor:
     """Cross-entropy on the answer tokens: the fused op with k = 1 and log-prob 0."""
-    labels = batch["labels"]
-    zeros = torch.zeros(labels.shape[0], 1, device=labels.device)
-    return _fused_loss(
-        model, target_hidden(model, batch), labels[:, None], zeros, labels,
-        temperature=1.0, mode="tail", ce_weight=0.0, validate=validate,
-    )
+    return _label_ce(model, target_hidden(model, batch), batch["labels"], 1.0, validate)
 
 
 def teacher_logprobs(model, teacher_batch, temperature) -> torch.Tensor:

@@ -31,6 +31,8 @@ def prepare_model(model, config: TrainConfig) -> dict:
     """Add LoRA (when the model has none), freeze everything else; the trainable params."""
     if _is_peft_model(model):
         raise InputError(PEFT_HOWTO)
+    if config.init_adapter:
+        _load_initial_adapter(model, config.init_adapter)
     if not _has_lora(model):
         from pdengine.lora import add_lora
 
@@ -51,6 +53,21 @@ def prepare_model(model, config: TrainConfig) -> dict:
     if config.grad_checkpointing:
         _enable_checkpointing(model)
     return named
+
+
+def _load_initial_adapter(model, path) -> None:
+    """Continue from a saved PEFT adapter: its layers (rank, alpha, targets) become the ones
+    trained, so the lora_* settings do not apply."""
+    from pathlib import Path
+
+    from pdengine.lora import load_adapter
+
+    if _has_lora(model):
+        raise InputError(f"init_adapter {path}: the model already has LoRA adapters; pass the base model")
+    if not Path(path).is_dir():
+        raise InputError(f"init_adapter {path} is not a directory (a PEFT adapter: adapter_config.json + "
+                         "adapter_model.safetensors)")
+    load_adapter(model, path)
 
 
 def _enable_checkpointing(model) -> None:

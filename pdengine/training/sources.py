@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import random
 
 import torch
 
@@ -148,3 +149,72 @@ class Stream:
             if not self.cycle:
                 return None
         raise InputError("the replay data yields no batches")
+
+
+VALIDATION_ORDER_SEED = "pdengine-validation"  # one held-out set whatever the training seed
+
+
+class SubsetSource(DataSource):
+    """Some items of another source, packed greedily like `ExampleSource`: the trained or
+    the held-out share of a cache (`split_validation`). Items load on demand."""
+
+    def __init__(self, source: DataSource, indices):
+        self.source, self.indices = source, list(indices)
+        self._lengths = None
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+    def lengths(self) -> list[int]:
+        if self._lengths is None:
+            if hasattr(self.source, "student_lengths"):  # a TeacherCache knows them without decoding
+                every = self.source.student_lengths()
+                self._lengths = [every[i] for i in self.indices]
+            else:
+                self._lengths = [len(item_sequence(self[i])[0]) for i in range(len(self))]
+        return self._lengths
+
+    def _plan(self, batch_tokens, seed, epoch, shuffle) -> list[list[int]]:
+        order = list(range(len(self)))
+        if shuffle:
+            gen = torch.Generator().manual_seed(mix_seed(seed, epoch))
+            order = torch.randperm(len(order), generator=gen).tolist()
+        lengths = self.lengths()
+        return [[order[j] for j in part] for part in greedy_pack([lengths[i] for i in order], batch_tokens)]
+
+    def batches(self, batch_tokens, *, seed=0, epoch=0, shuffle=True, start=0):
+        for group in self._plan(batch_tokens, seed, epoch, shuffle)[start:]:
+            yield pack_examples([self[i] for i in group], indices=group)
+
+    def num_batches(self, batch_tokens, *, seed=0, epoch=0, shuffle=True) -> int:
+        return len(self._plan(batch_tokens, seed, epoch, shuffle))
+
+    def min_batch_tokens(self) -> int:
+        return self.source.min_batch_tokens()
+
+    def identity(self) -> dict:
+        digest = hashlib.sha256(",".join(map(str, self.indices)).encode()).hexdigest()[:16]
+        return {**self.source.identity(), "items": len(self), "subset": digest}
+
+    def check_compatible(self, model, tokenizer=None, temperature=None) -> None:
+        self.source.check_compatible(model, tokenizer, temperature)
+
+
+def split_validation(source: DataSource, fraction: float) -> tuple[DataSource, DataSource | None]:
+    """(trained items, held-out items) of `source`: `fraction` of its QA pairs, at least one,
+    chosen by a fixed seed so every run on this cache holds out the same ones."""
+    if fraction <= 0:
+        return source, None
+    n = len(source)
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise InputError(f"val_fraction {fraction} holds out {n_val} of the {n} QA pairs: none would be "
+                         "left to train on")
+    order = list(range(n))
+    random.Random(VALIDATION_ORDER_SEED).shuffle(order)
+    held_out = set(order[:n_val])
+    trained = [i for i in range(n) if i not in held_out]
+    return SubsetSource(source, trained), SubsetSource(source, sorted(held_out))
