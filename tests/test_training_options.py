@@ -164,3 +164,23 @@ def test_ce_temperature_takes_the_hard_label_ce_at_its_own_temperature(items):
     fused = compute_loss(model, batch, config(ce_weight=0.5))  # default: the CE at the distillation T
     torch.testing.assert_close(compute_loss(model, batch, config(ce_weight=0.5, ce_temperature=2.0)), fused)
     assert not torch.allclose(fused, mixed)
+
+
+def test_train_cli_with_a_teacher_cache_validation_cosine_and_init_adapter(tmp_path, capsys):
+    import json
+
+    from train_helpers import cli, make_cache
+
+    make_cache(tmp_path)
+    common = ["--model", str(tmp_path / "model"), "--cache", str(tmp_path / "cache"), "--lora-r", "4",
+              "--lora-alpha", "8", "--lr", "1e-2", "--batch-tokens", "32", "--no-progress", "--device", "cpu",
+              "--epochs", "2", "--val-fraction", "0.25", "--schedule", "cosine"]
+    assert cli([*common, "--out", str(tmp_path / "a")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["val_loss"] is not None and math.isfinite(first["val_loss"])
+    assert cli([*common, "--out", str(tmp_path / "b"), "--init-adapter", str(tmp_path / "a" / "adapter")]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["first_loss"] < first["first_loss"]  # it starts where the first run ended
+    run = run_dir.read_run(tmp_path / "b")
+    assert run["config"]["schedule"] == "cosine" and run["config"]["val_fraction"] == 0.25
+    assert run["config"]["init_adapter"] == str(tmp_path / "a" / "adapter")
