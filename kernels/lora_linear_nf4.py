@@ -31,18 +31,16 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 def _tiles(dtype, is_cuda: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The weight tile is decoded in
-    registers rather than staged through shared memory, so it costs registers (a BLOCK_K x
-    BLOCK_N int32 of flat indices), not stages. GPU: from `pdengine bench kernels`, the
-    largest tiles that compile for sm_90 with no spill: the dense kernel's 128 x 128 spilled
-    316 B (bf16) and 27 KB (fp32, whose IEEE products are FMA loops) per thread and took
-    224 KiB of shared memory; 64 x 64 spills nothing (_nf4_gemm halves BLOCK_N with dropout)."""
+    registers (a BLOCK_K x BLOCK_N index, byte, code and scale per element) on top of the
+    accumulator, so BLOCK_K is half the dense kernel's: bf16 128x128x32 and fp32 64x64x16
+    compile for sm_90 with no spill (tests/test_lora_linear_nf4.py), 128x128x64 spills."""
     if not is_cuda:  # interpreter: few, small programs
         return 32, 32, 32, 4, 1
     if dtype == torch.float64:
         return 64, 64, 16, 4, 2
     if dtype == torch.float32:
         return 64, 64, 16, 8, 2
-    return 64, 64, 64, 8, 3
+    return 128, 128, 32, 8, 3
 
 
 @triton.jit
@@ -91,13 +89,17 @@ def _nf4_extended_k_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
 
+    # weight indices in int32 (the host checks d_out * d_in < 2**31): half the registers
+    # of int64 for the BLOCK_K x BLOCK_N tile decoded at every step
+    offs_n32 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K1, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs_k32 = k0 + tl.arange(0, BLOCK_K)
+        offs_k = offs_k32.to(tl.int64)
         a = tl.load(a1_ptr + offs_m[:, None] * stride_a1m + offs_k[None, :] * stride_a1k,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K1), other=0.0)
-        w_mask = (offs_k[:, None] < K1) & (offs_n[None, :] < N)
-        flat = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w_mask = (offs_k32[:, None] < K1) & (offs_n32[None, :] < N)
+        flat = offs_k32[:, None] * stride_wk + offs_n32[None, :] * stride_wn
         w = _nf4_values(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, flat, w_mask,
                         blocksize, nested_blocksize, nested_offset, NESTED)
         acc = dot(a, w.to(W_DTYPE).to(a1_ptr.dtype.element_ty), acc, IEEE)
@@ -124,6 +126,8 @@ def _nf4_gemm(a1, weight, transposed, a2, b2, c, bias=None, *, drop_out=False, d
     """c = a1 @ op(Wq) + a2 @ b2 (+ bias); op(Wq) = Wq^T [d_in, d_out] when `transposed`
     (forward), else Wq [d_out, d_in] (backward dx). `weight` is the ops' 10 weight args."""
     packed, absmax, code, nested_absmax, nested_code, blocksize, nested_blocksize, offset, d_out, w_dtype = weight
+    if packed.numel() * 2 >= 2**31:
+        raise ValueError(f"an NF4 weight of {packed.numel() * 2} elements is beyond the kernel's int32 indices")
     M, K1 = a1.shape
     d_in = a1.shape[1] if transposed else c.shape[1]
     N, K2 = c.shape[1], a2.shape[1]

@@ -150,30 +150,45 @@ def test_opcheck_and_compile():
 # ------------------------------------------------- GPU compilation without a GPU
 
 _AOT_SCRIPT = r"""
-import triton
+import os, re, subprocess, tempfile
+import torch, triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from pdengine.kernels import lora_linear_nf4 as K
 
+def spill_bytes(ptx):
+    with tempfile.TemporaryDirectory() as tmp:  # ptxas -v with the flags Triton's make_cubin passes
+        open(os.path.join(tmp, "k.ptx"), "w").write(ptx)
+        out = subprocess.run([get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
+                              os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stdout + out.stderr)
+    return int(found.group(1)) + int(found.group(2)) if found else 0
+
 fn = K._nf4_extended_k_kernel
-U8 = {"packed_ptr", "absmax_ptr"}
-FP32 = {"code_ptr", "nested_absmax_ptr", "nested_code_ptr", "bias_ptr"}
-FLOATS = {"nested_offset", "inv_keep"}
 jobs = 0
-for elem, w_dtype, nested, drop, bias in [("bf16", "bfloat16", True, True, True), ("bf16", "bfloat16", False, False, False),
-                                          ("fp32", "float32", True, False, True)]:
-    consts = dict(NESTED=nested, W_DTYPE=getattr(triton.language, w_dtype), HAS_BIAS=bias, DROP_OUT=drop,
-                  IEEE=elem == "fp32", ACC_DTYPE=triton.language.float32,
-                  BLOCK_M=128, BLOCK_N=64 if drop else 128, BLOCK_K=64 if elem == "bf16" else 32, BLOCK_R=64, GROUP_M=8)
+for dtype, nested, drop, bias in [(torch.bfloat16, True, True, True), (torch.bfloat16, False, False, False),
+                                  (torch.float32, True, False, True)]:
+    elem = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    block_m, block_n, block_k, warps, stages = K._tiles(dtype, True)  # the shipped configs
+    consts = dict(NESTED=nested, W_DTYPE=K._TL_DTYPES[dtype], HAS_BIAS=bias, DROP_OUT=drop,
+                  IEEE=dtype == torch.float32, ACC_DTYPE=triton.language.float32, BLOCK_M=block_m,
+                  BLOCK_N=block_n // 2 if drop else block_n, BLOCK_K=block_k,
+                  BLOCK_R=K._pow2_clamp(64, 16, block_k), GROUP_M=8)
     def arg_type(name):
+        if name in ("packed_ptr", "absmax_ptr"):
+            return "*u8" if name == "packed_ptr" or nested else "*fp32"
+        if name in ("code_ptr", "nested_absmax_ptr", "nested_code_ptr", "bias_ptr"):
+            return "*fp32"
         if name.endswith("_ptr"):
-            return "*u8" if name in U8 and not (name == "absmax_ptr" and not nested) else (
-                "*fp32" if name in FP32 or name == "absmax_ptr" else "*" + elem)
-        return "fp32" if name in FLOATS else "i64" if name.startswith("stride") else "i32"
+            return "*" + elem
+        return "fp32" if name in ("nested_offset", "inv_keep") else "i32"
     sig = {n: "constexpr" if n in consts else arg_type(n) for n in fn.arg_names}
     cx = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=8, num_stages=3, enable_fp_fusion=False))
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=False))
+    print(elem, "nested" if nested else "plain", "dropout" if drop else "", "spill bytes", spill_bytes(kernel.asm["ptx"]))
     jobs += 1
 print("compiled", jobs)
 """
@@ -181,8 +196,9 @@ print("compiled", jobs)
 
 def test_kernel_compiles_for_sm90_without_gpu(tmp_path):
     """The interpreter accepts code that compiled Triton rejects: compile the NF4 kernel
-    for an H100/H200 (sm_90; bf16 and fp32, nested or not, dropout and bias on and off)
-    with the ptxas bundled in the Triton wheel, in a process without TRITON_INTERPRET."""
+    at its shipped tiles for an H100/H200 (sm_90; bf16 and fp32, nested or not, dropout
+    and bias on and off) with the ptxas bundled in the Triton wheel, in a process without
+    TRITON_INTERPRET, and check that no configuration spills registers."""
     import triton
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
@@ -192,3 +208,5 @@ def test_kernel_compiles_for_sm90_without_gpu(tmp_path):
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compiled 3" in out.stdout
+    spills = [line for line in out.stdout.splitlines() if "spill bytes" in line and not line.endswith(" 0")]
+    assert not spills, spills
