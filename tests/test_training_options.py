@@ -105,6 +105,8 @@ def test_init_adapter_continues_from_a_saved_adapter(tmp_path, items):
         torch.testing.assert_close(adapter_tensors(second)[name], value)  # not a fresh init
     run = run_dir.read_run(tmp_path / "b")
     assert run["config"]["init_adapter"] == str(tmp_path / "a" / "adapter")
+    assert run["init_adapter"] == run_dir.adapter_identity(tmp_path / "a" / "adapter")
+    assert len(run["init_adapter"]["content"]) == 32 and run_dir.read_run(tmp_path / "a")["init_adapter"] is None
     with pytest.raises(InputError, match="already has LoRA adapters"):
         train(first, None, items, tmp_path / "c", config(init_adapter=str(tmp_path / "a" / "adapter")))
     with pytest.raises(InputError, match="is not a directory"):

@@ -12,6 +12,7 @@ change that would alter the result (docs/DESIGN.md, "Checkpoints and resume").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -51,7 +52,18 @@ def write_run(out: Path, config: TrainConfig, cache_identity: dict, replay_ident
     PromptFormat, system prompt included) that `pdengine eval` holds the student to."""
     atomic_write_json(Path(out) / RUN_FILE, {"config": config.to_dict(), "cache": cache_identity,
                                              "replay_cache": replay_identity, "model": model_name,
-                                             "prompt": prompt})
+                                             "prompt": prompt, "init_adapter": adapter_identity(config.init_adapter)})
+
+
+def adapter_identity(path) -> dict | None:
+    """What the run started from with init_adapter: the adapter's files' sha256 (the path is
+    informative). Only recorded: a resume restores every LoRA weight from its checkpoint."""
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in Path(path).iterdir() if p.is_file()):
+        digest.update(name.encode() + b"\0" + (Path(path) / name).read_bytes())
+    return {"path": str(Path(path).resolve()), "content": digest.hexdigest()[:32]}
 
 
 def check_fresh(out: Path) -> None:
