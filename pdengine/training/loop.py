@@ -6,6 +6,10 @@ clip, one AdamW update. Exact resumption: data order is a pure function of (seed
 epoch), dropout is re-seeded from (seed, step), and a checkpoint holds adapter,
 optimizer, scheduler, RNG states and the data positions, so 4 steps + resume to 8 equal
 8 steps straight. The whole run holds the output directory's lock.
+
+With `val_fraction`, a fixed share of the cache's QA pairs is held out (never trained on)
+and its mean loss per answer token, model in eval mode, is `val_loss` in metrics.jsonl
+every `eval_every` steps (0: every epoch's worth of steps) and at a run's last step.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """The run directory: run.json, metrics.jsonl and what a resume may change.
 
-    OUT/run.json        the settings, the cache (and replay cache) identities, the model
-    OUT/metrics.jsonl   one JSON line per optimizer step
+    OUT/run.json        the settings, the cache (and replay cache) identities, the model, the
+                        prompt the cache was made with (`prompt_record`), the init adapter
+    OUT/metrics.jsonl   one JSON line per optimizer step (val_loss on the steps that validate)
+    OUT/tensorboard/    the same scalars, when tensorboard is installed (`tensorboard_log`)
     OUT/checkpoints/    see `pdengine.training.checkpoints`
     OUT/adapter/        the final adapter (PEFT format)
 
