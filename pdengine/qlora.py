@@ -69,10 +69,18 @@ class QuantizedLoRALinear(LoRALinear):
 
             compute = base.compute_dtype or x.dtype
             bias = None if base.bias is None else base.bias.to(compute)
-            y = lora_linear_nf4(x.to(compute), nf4_weight(base), self.lora_A.weight, self.lora_B.weight,
+            y = lora_linear_nf4(x.to(compute), self._packed_weight(), self.lora_A.weight, self.lora_B.weight,
                                 self.scale, bias, p)
             return y.to(x.dtype)
         return base(x) + self._low_rank(x, p).to(x.dtype)
+
+    def _packed_weight(self):
+        """The base's NF4Weight, built once per placement of its bytes: reading the nested
+        offset (a 0-d tensor) every call would be a host sync per layer on CUDA."""
+        key = (self.base_layer.weight.data_ptr(), self.base_layer.weight.device)
+        if getattr(self, "_nf4_key", None) != key:
+            self._nf4_key, self._nf4 = key, nf4_weight(self.base_layer)
+        return self._nf4
 
     def _low_rank(self, x, p):
         """s * B(A(dropout(x))) with the engine's keep-mask (`reference.dropout_keep_mask`)."""
