@@ -186,3 +186,10 @@ def test_train_cli_with_a_teacher_cache_validation_cosine_and_init_adapter(tmp_p
     run = run_dir.read_run(tmp_path / "b")
     assert run["config"]["schedule"] == "cosine" and run["config"]["val_fraction"] == 0.25
     assert run["config"]["init_adapter"] == str(tmp_path / "a" / "adapter")
+
+
+@pytest.mark.parametrize("loss", ["sft", "online_kl"])
+def test_val_fraction_with_the_other_losses(tmp_path, items, loss):
+    # online_kl rebuilds the teacher from the source's items: a subset must map its indices
+    result = train(tiny_model(), None, items, tmp_path, config(loss=loss, epochs=1, val_fraction=0.25))
+    assert math.isfinite(result["val_loss"]) and "val_loss" in metrics(tmp_path)[-1]
