@@ -64,7 +64,8 @@ def test_val_loss_on_held_out_items_each_epoch_and_at_the_end(tmp_path, items):
     _, held = split_validation(ExampleSource(items), 0.25)
     model.eval()
     with torch.no_grad():
-        losses = [(float(compute_loss(model, b, config())), b["labels"].numel()) for b in held.batches(16, shuffle=False)]
+        losses = [(float(compute_loss(model, b, config())), b["labels"].numel())
+                  for b in held.batches(16, shuffle=False)]
     want = sum(l * n for l, n in losses) / sum(n for _, n in losses)
     assert rows[-1]["val_loss"] == pytest.approx(want, rel=1e-5) and result["val_loss"] == rows[-1]["val_loss"]
     # the held-out items are not trained on: fewer tokens than a run on all of them
@@ -155,8 +156,6 @@ def test_without_tensorboard_installed_nothing_is_logged(tmp_path):
 
 
 def test_ce_temperature_takes_the_hard_label_ce_at_its_own_temperature(items):
-    from pdengine.training.sources import ExampleSource
-
     model = tiny_model()
     batch = next(ExampleSource(items).batches(64, shuffle=False))
     kd = compute_loss(model, batch, config(ce_weight=0.0))
