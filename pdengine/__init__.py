@@ -33,6 +33,7 @@ _EXPORTS = {
     "TeacherCache": "pdengine.cache",
     "PromptFormat": "pdengine.prompts",
     "TrainConfig": "pdengine.train",
+    "TrainingError": "pdengine.train",
     "InputError": "pdengine.errors",
 }
 # The pipeline stages are submodules: pdengine.prefill.prefill(...), pdengine.train.train(...),
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES, for type checke
     from pdengine.ops.lora_linear import lora_linear
     from pdengine.ops.teacher_topk import teacher_topk
     from pdengine.prompts import PromptFormat
-    from pdengine.train import TrainConfig
+    from pdengine.train import TrainConfig, TrainingError
 
 
 def __getattr__(name):
