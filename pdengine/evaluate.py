@@ -21,6 +21,7 @@ report.png and answers.jsonl.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass
@@ -352,7 +353,8 @@ def run(args) -> int:
         )
         paths = write_report(args.out, metrics, per_question,
                              extra={"model": str(args.model), "settings": C.to_dict(cfg),
-                                    "adapters": {n: p[0] if len(p) == 1 else p for n, p in adapters.items()}})
+                                    "adapters": {n: p[0] if len(p) == 1 else p for n, p in adapters.items()},
+                                    "prompt_format": dataclasses.asdict(fmt)})
     print(paths["md"].read_text(encoding="utf-8"), end="")  # the table with intervals and differences
     print(f"report: {paths['md']}", file=sys.stderr)
     return 0

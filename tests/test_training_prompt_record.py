@@ -106,3 +106,7 @@ def test_eval_cli_asks_with_the_trained_system_prompt(tmp_path, monkeypatch, cap
     with pytest.raises(Stop):
         cli.main(_eval_argv(tmp_path, adapter, "--system", "Be brief.", "--allow-other-system"))
     assert seen["fmt"].system == "Be brief."
+    monkeypatch.undo()  # a real (tiny) eval: report.json says which prompt it asked with
+    assert cli.main(_eval_argv(tmp_path, adapter, "--max-new-tokens", "2")) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["prompt_format"]["system"] == SYSTEM
