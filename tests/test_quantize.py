@@ -10,7 +10,7 @@ from pdengine import qlora
 from pdengine import quantize as Q
 from pdengine.errors import InputError
 from pdengine.lora import LoRALinear, add_lora
-from tests.helpers import tiny_model
+from tests.helpers import qa_tokenizer, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes import functional as bnbF  # noqa: E402
@@ -18,7 +18,7 @@ from bitsandbytes.functional import has_avx512bf16  # noqa: E402
 
 # two layers so gradients cross a quantized base; rows a whole number of 64-value blocks
 # (what bitsandbytes' CPU kernels need, see test_cpu_kernel_misdecodes_partial_row_blocks)
-MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=40)
+MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=len(qa_tokenizer()))
 
 
 def _rel(got, want):
@@ -29,6 +29,7 @@ def _rel(got, want):
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny"
     tiny_model("llama", seed=3, **MODEL).save_pretrained(path)
+    qa_tokenizer().save_pretrained(path)
     return path
 
 
@@ -118,6 +119,19 @@ def test_loaded_nf4_model_keeps_embeddings_and_head(checkpoint):
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert Q.quantization_identity(model) == {"method": "bitsandbytes-nf4", "blocksize": 64, "double_quant": True}
     assert Q.quantization_identity(_load(checkpoint, None)) is None
+
+
+def test_load_model_and_tokenizer_quantize(checkpoint, monkeypatch):
+    from pdengine.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(checkpoint, device="cpu", quantize="nf4")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers) and not model.training
+    with pytest.raises(InputError, match="is not one of none, nf4, int8"):
+        load_model_and_tokenizer(checkpoint, device="cpu", quantize="nf8")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(InputError, match="needs bitsandbytes"):
+        load_model_and_tokenizer(checkpoint, device="cpu", quantize="int8")
 
 
 def test_int8_identity(checkpoint):
