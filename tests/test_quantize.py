@@ -392,3 +392,25 @@ def test_bench_qlora_runs_and_its_formula_counts_the_base(monkeypatch):
     assert rows[1]["nf4_grad_rel_err"] <= 1e-5
     estimate = bench.eight_b_estimate()
     assert estimate[0]["resident_GB"] > 16 > estimate[1]["resident_GB"] > 5
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_teacher_is_the_students_quantized_base(checkpoint, quantize):
+    """Adapters disabled, the student is exactly the quantized model the teacher ran; with
+    fresh adapters (B = 0) it computes the same function up to summation order."""
+    from pdengine.lora import disable_adapters
+
+    teacher = _load(checkpoint, quantize)
+    student = _load(checkpoint, quantize)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for name, module in list(student.named_modules()):
+        if Q.is_quantized_linear(module):
+            parent, _, child = name.rpartition(".")
+            setattr(student.get_submodule(parent), child, qlora.QuantizedLoRALinear(module, 4, 8.0))
+    ids = _batch()
+    with torch.no_grad():
+        want = teacher(input_ids=ids).logits
+        with disable_adapters(student):
+            assert torch.equal(student(input_ids=ids).logits, want)
+        assert _rel(student.train()(input_ids=ids).logits, want) < 1e-5
