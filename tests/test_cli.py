@@ -203,3 +203,12 @@ def test_prefill_takes_the_model_loading_flags(model_dir, data, capsys):
     assert "'flash_attention_2' cannot be used" in _error_line(capsys)
     assert cli.main([*base, "--force", "--quantize", "fp8"]) == 2  # argparse: not a choice
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_train_takes_the_loading_flags_for_training(model_dir, data, capsys):
+    train = ["train", "--model", str(model_dir), "--cache", str(data / "cache"), "--out", str(data / "tr"),
+             "--device", "cpu"]
+    assert cli.main([*train, "--attn-implementation", "flex_attention"]) == 2  # no CPU backward: before any work
+    assert "'flex_attention' cannot be used: it is not available on cpu for training" in _error_line(capsys)
+    assert cli.main([*train, "--quantize", "fp8"]) == 2
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -23,14 +23,15 @@ _PATHS = ("model", "cache", "replay_cache")
 
 def add_arguments(parser) -> None:
     """Arguments of `pdengine train`: the paths, then one flag per TrainConfig field."""
-    parser.add_argument("--model", default=None, help="local Hugging Face causal-LM directory "
-                        "(on --resume: the run's, from run.json)")
+    from pdengine.loading import add_model_arguments
+
+    add_model_arguments(parser, model_required=False,
+                        model_help="local Hugging Face causal-LM directory (on --resume: the run's, from run.json)")
     parser.add_argument("--cache", default=None, help="teacher cache directory (pdengine prefill; "
                         "on --resume: the run's)")
     parser.add_argument("--out", required=True, help="output directory (adapter/, checkpoints/, metrics.jsonl)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings")
     parser.add_argument("--replay-cache", default=None, help="a second teacher cache mixed into every step")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     settings.add_arguments(parser, TrainConfig)
     # Unset flags read as None, so a resume can tell the flags given from the defaults;
     # the help text still shows the dataclass defaults, which apply to a new run.
@@ -63,7 +64,7 @@ def run(args) -> int:
     Bad input raises InputError (the CLI prints it on stderr, exit 2); a non-finite loss
     is one line on stderr and exit 1 (its traceback with PDENGINE_DEBUG=1)."""
     from pdengine.cache import TeacherCache
-    from pdengine.loading import load_model_and_tokenizer
+    from pdengine.loading import load_from_args
 
     out = Path(args.out)
     run_record = run_dir.read_run(out) if args.resume else None
@@ -74,7 +75,7 @@ def run(args) -> int:
     if run_record is not None:  # refuse a changed setting before the model loads
         run_dir.refuse_changes(out, run_dir.setting_changes(out, run_record, config))
     paths = _paths(args, run_record)
-    model, tokenizer = load_model_and_tokenizer(paths["model"], device=args.device)
+    model, tokenizer = load_from_args(args, training=True, path=paths["model"])  # --attn-implementation, --quantize
     warning = None if args.resume else advice.small_model_warning(model, config)
     if warning:
         print(f"pdengine train: {warning}", file=sys.stderr)
