@@ -10,17 +10,26 @@ encoding introduces (log-prob error, KL between the exact and the decoded renorm
 top-k distribution, tail-mass error) on synthetic teacher distributions of growing
 peakedness (a random-initialised model's distributions are nearly flat, so not telling).
 
-Usage: python bench/prefill.py [--reps 3] [--qa 30] [--doc-tokens 512]
+`--long` (issue 13): one document of 1k, 4k, 8k and 16k tokens with the same 30 QA pairs, old
+path (`teacher_attention="mask"`: block-mask rows; a document longer than a row is split into
+groups that each re-encode it) against the new one (`"prefix_kv"`: the prefix encoded once, its
+KV cache shared by the suffixes), peak memory and time of one prefill each, in one run. The mask
+path is skipped above `--mask-limit` tokens (at 8k it already takes minutes on 2 cores).
+
+Usage: python bench/prefill.py [--reps 3] [--qa 30] [--doc-tokens 512] [--long [--mask-limit 4096]]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import add_save_flag, environment, print_table, save_results, time_round_robin
+from common import add_save_flag, environment, peak_memory, print_table, save_results, time_round_robin
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -53,10 +62,10 @@ def workload(doc_tokens: int, n_qa: int, seed: int = 0):
     return documents, qa
 
 
-def small_llama():
+def small_llama(max_positions: int = 2048):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=max_positions)
     return LlamaForCausalLM(config).eval()
 
 
@@ -92,6 +101,43 @@ def _prefill_run(model, tok, documents, qa, out, share_prefix):
     return run
 
 
+def long_document_run(path: str, doc_tokens: int, n_qa: int) -> dict:
+    """One prefill of one long document (run in a fresh process: RSS peaks of earlier runs would
+    hide later ones, since freed memory stays with the allocator)."""
+    tok, model = word_tokenizer(VOCAB), small_llama(max_positions=doc_tokens + 4096)
+    if torch.cuda.is_available():
+        model = model.to("cuda", torch.bfloat16)
+    documents, qa = workload(doc_tokens, n_qa)
+    timing = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def run():
+            start = time.perf_counter()
+            prefill(model, tok, documents, qa, Path(tmp) / "cache", k=64, batch_tokens=4096, resume=False,
+                    progress=False, teacher_attention=path)
+            timing["s"] = time.perf_counter() - start
+
+        added = peak_memory(run)
+    return {"path": path, "doc_tokens": doc_tokens, "qa_pairs": n_qa, "seconds": timing["s"],
+            "peak_added_mib": added / 2**20}
+
+
+def bench_long_documents(lengths, n_qa: int, mask_limit: int) -> list[dict]:
+    """Old (mask) vs new (prefix_kv) path on documents of growing length, one process each."""
+    rows = []
+    for n in lengths:
+        for path in ("mask", "prefix_kv"):
+            if path == "mask" and n > mask_limit:
+                continue
+            cmd = [sys.executable, __file__, "--long-worker", f"{path}:{n}", "--qa", str(n_qa)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    new = {r["doc_tokens"]: r for r in rows if r["path"] == "prefix_kv"}
+    for r in rows:
+        r["memory_vs_prefix_kv_4k"] = r["peak_added_mib"] / new[4096]["peak_added_mib"] if 4096 in new else None
+    return rows
+
+
 def bench_encoding_error(k: int = 64, vocab: int = VOCAB, tokens: int = 512) -> list[dict]:
     """Error of the cache's log-prob encoding on synthetic teacher distributions at T=2."""
     rows = []
@@ -116,9 +162,23 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--qa", type=int, default=30)
     parser.add_argument("--doc-tokens", type=int, default=512)
+    parser.add_argument("--long", action="store_true", help="long documents: mask vs prefix-KV paths (issue 13)")
+    parser.add_argument("--long-lengths", default="1024,4096,8192,16384")
+    parser.add_argument("--mask-limit", type=int, default=4096, help="longest document the mask path runs")
+    parser.add_argument("--long-worker", help=argparse.SUPPRESS)  # PATH:TOKENS, one measurement
     add_save_flag(parser)
     args = parser.parse_args()
+    if args.long_worker:
+        path, n = args.long_worker.split(":")
+        print(json.dumps(long_document_run(path, int(n), args.qa)))
+        return
     print(environment(), pdengine.backend_info())
+    if args.long:
+        lengths = [int(x) for x in args.long_lengths.split(",")]
+        rows = bench_long_documents(lengths, args.qa, args.mask_limit)
+        print_table(rows, ["path", "doc_tokens", "seconds", "peak_added_mib", "memory_vs_prefix_kv_4k"])
+        print("saved", save_results("prefill_long", rows, args.save))
+        return
     tok, model = word_tokenizer(VOCAB), small_llama()
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)

@@ -17,6 +17,11 @@ Two measurements, baselines in the same run, random-initialised models (no weigh
    `loss=online_kl` (the teacher forward over document + question + answer at every
    step, full-vocabulary KL).
 
+3. `--packed` (issue 13): one packed row of T tokens (sequences of 128 end to end), forward +
+   backward through the model body, the old way (a dense `[T, T]` block mask built by
+   pdengine) against the new (restarted `position_ids`, no mask: the model's attention
+   separates the sequences), at T = 2048 and 8192; a fresh process per measurement.
+
 Presets: `cpu` (a small Llama, fp32), `llama-1b` (Llama-3.2-1B shapes) and `llama-8b`
 (Llama-3-8B shapes), bf16, sequence 1024: GPU only.
 
@@ -290,6 +295,43 @@ def bench_epoch(args, device) -> list[dict]:
     return rows
 
 
+def packed_row_run(mode: str, tokens: int, preset: str, reps: int = 3) -> dict:
+    """Median fwd+bwd time and peak memory of one packed row, `mode` "mask" or "positions"."""
+    config, dtype, _, _, _ = PRESETS[preset]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=tokens)).to(device, dtype).train()
+    seq = 128
+    ids = torch.randint(3, config["vocab_size"], (1, tokens), device=device)
+    positions = torch.arange(seq, device=device).repeat(tokens // seq)[None]
+    segments = torch.arange(tokens, device=device) // seq
+
+    def step():
+        mask = modeling.segment_attention_mask(segments) if mode == "mask" else None
+        modeling.hidden_states(model, ids, positions, mask).float().pow(2).mean().backward()
+
+    peak = peak_memory(step)  # first, in a fresh process: later peaks hide behind the allocator's cache
+    timing = time_fn(step, warmup=0, reps=reps)
+    return {"bench": "packed", "path": mode, "tokens": tokens, "median_ms": timing["median_ms"],
+            "peak_mib": peak / 2**20}
+
+
+def bench_packed(args) -> list[dict]:
+    import json
+    import subprocess
+
+    rows = []
+    for tokens in (2048, 8192):
+        for mode in ("mask", "positions"):
+            cmd = [sys.executable, __file__, "--packed-worker", f"{mode}:{tokens}", "--preset", args.preset]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -309,6 +351,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epoch-batch-tokens", type=int, default=1024)
     parser.add_argument("--name", default="train_step")
     parser.add_argument("--worker", choices=sorted(SETUPS), help=argparse.SUPPRESS)
+    parser.add_argument("--packed", action="store_true", help="packed rows: dense mask vs position_ids (issue 13)")
+    parser.add_argument("--packed-worker", help=argparse.SUPPRESS)  # MODE:TOKENS, one measurement
     argv = sys.argv[1:] if argv is None else argv
     add_save_flag(parser)
     args = parser.parse_args(argv)
@@ -321,7 +365,18 @@ def main(argv=None) -> int:
 
         print(json.dumps(measure_step(args, device, args.worker)))
         return 0
+    if args.packed_worker:
+        import json
+
+        mode, tokens = args.packed_worker.split(":")
+        print(json.dumps(packed_row_run(mode, int(tokens), args.preset)))
+        return 0
     print(environment(), pdengine.backend_info())
+    if args.packed:
+        rows = bench_packed(args)
+        print_table(rows, ["path", "tokens", "median_ms", "peak_mib"])
+        print("saved", save_results("train_step_packed", rows, args.save))
+        return 0
     rows = bench_step(args, argv, device) if args.step else []
     if args.epoch:
         rows += bench_epoch(args, device)
