@@ -223,13 +223,21 @@ def add_lora(model, r, alpha, dropout=0.0, target_modules=None, lm_head=False, r
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        layer_cls = LoRAEmbedding if isinstance(base, nn.Embedding) else LoRALinear
+        layer_cls = LoRAEmbedding if isinstance(base, nn.Embedding) else _linear_lora_class(base)
         _set_module(model, name, layer_cls(base, r, alpha, dropout, rslora))
     model.pdengine_lora_config = {
         "r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "use_rslora": bool(rslora),
         "target_modules": _saved_targets(target_modules, names[-1] if lm_head else None),
     }
     return model
+
+
+def _linear_lora_class(base):
+    """LoRALinear, or for a bitsandbytes 4/8-bit base pdengine.qlora's layer (which
+    dequantizes it; docs/DESIGN.md, "Quantized base")."""
+    from pdengine.qlora import quantized_lora_class  # lazy: pdengine.qlora imports this module
+
+    return quantized_lora_class(base) or LoRALinear
 
 
 def _saved_targets(target_modules, head_name):
@@ -288,6 +296,9 @@ def merge_adapter(model):
     Tied input/output embeddings are untied first when only one side has a LoRA, so the
     merged model computes exactly what the adapted one did.
     """
+    from pdengine.qlora import refuse_quantized_merge
+
+    refuse_quantized_merge(model)  # a 4/8-bit weight cannot absorb the LoRA without requantizing
     for name, layer in lora_modules(model).items():
         base = layer.base_layer
         if not layer.disabled:

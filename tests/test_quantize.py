@@ -414,3 +414,44 @@ def test_teacher_is_the_students_quantized_base(checkpoint, quantize):
         with disable_adapters(student):
             assert torch.equal(student(input_ids=ids).logits, want)
         assert _rel(student.train()(input_ids=ids).logits, want) < 1e-5
+
+
+# ------------------------------------------------ wired through pdengine.lora / loading
+
+
+def test_add_lora_wraps_quantized_layers_and_adapters_round_trip(checkpoint, tmp_path):
+    """add_lora on a loaded NF4 model wraps every Linear4bit; load_adapter puts a saved
+    adapter back on a quantized base; merging into it is refused."""
+    from pdengine.lora import load_adapter, merge_adapter, save_adapter
+
+    model = add_lora(_load(checkpoint, "nf4"), 4, 8.0)
+    layers = [m for m in model.modules() if isinstance(m, qlora.QuantizedLoRALinear)]
+    assert len(layers) == 14
+    torch.manual_seed(5)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    save_adapter(model, tmp_path / "adapter")
+    again = load_adapter(_load(checkpoint, "nf4"), tmp_path / "adapter").eval()
+    ids = _batch()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    with pytest.raises(InputError, match="cannot merge a LoRA adapter into a quantized base"):
+        merge_adapter(model)
+
+
+def test_fingerprint_records_the_quantization(checkpoint):
+    """A cache made with an NF4 teacher refuses a bf16/fp32 student (and the reverse),
+    naming the quantization; loading and in-memory quantization share one fingerprint."""
+    from pdengine.fingerprints import model_differences, model_fingerprint
+
+    nf4 = model_fingerprint(_load(checkpoint, "nf4"))
+    dense = model_fingerprint(_load(checkpoint, None))
+    assert nf4["quantization"] == {"method": "bitsandbytes-nf4", "blocksize": 64, "double_quant": True}
+    assert dense["quantization"] is None and nf4["fingerprint"] != dense["fingerprint"]
+    problems = model_differences(nf4, dense)
+    assert problems[0].startswith("quantization: cache nf4, given none") and len(problems) == 1
+    assert model_differences(dense, nf4)[0].startswith("quantization: cache none, given nf4")
+    assert model_fingerprint(qlora.quantize_model(_load(checkpoint, None), "nf4")) == nf4
+    assert model_differences(nf4, model_fingerprint(_load(checkpoint, "int8")))[0].startswith(
+        "quantization: cache nf4, given int8")
