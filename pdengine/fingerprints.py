@@ -22,7 +22,9 @@ from pdengine.modeling import output_layer
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
                          "use_cache", "_attn_implementation", "_attn_implementation_autoset",
                          "architectures", "output_hidden_states", "output_attentions", "return_dict",
-                         "_commit_hash"}
+                         "_commit_hash",
+                         # recorded as `quantization` instead: its compute dtype is the device's
+                         "quantization_config"}
 _SAMPLE = 4096  # values hashed per parameter tensor (all of them when it has fewer)
 
 
@@ -83,11 +85,18 @@ def weights_hash(model) -> str:
 
 
 def model_fingerprint(model) -> dict:
-    """Identity of a model: its config, a hash of its weights and its vocabulary size."""
+    """Identity of a model: its config, a hash of its weights, its vocabulary size and its
+    quantization (`pdengine.quantize.quantization_identity`: None for a plain model, whose
+    fingerprint is then what it was before quantization existed)."""
+    from pdengine.quantize import quantization_identity
+
     config, weights, vocab = model_config(model), weights_hash(model), vocab_size_of(model)
+    quantization = quantization_identity(model)
     dtype = next((str(p.dtype).removeprefix("torch.") for _, p in _base_parameters(model)), None)
-    return {"fingerprint": sha256_of(config, weights, vocab), "model_type": config.get("model_type"),
-            "config": config, "weights_sha256": weights, "vocab_size": vocab, "dtype": dtype}
+    parts = (config, weights, vocab) if quantization is None else (config, weights, vocab, quantization)
+    return {"fingerprint": sha256_of(*parts), "model_type": config.get("model_type"),
+            "config": config, "weights_sha256": weights, "vocab_size": vocab, "dtype": dtype,
+            "quantization": quantization}
 
 
 def model_differences(cached: dict, given: dict) -> list[str]:
@@ -101,7 +110,13 @@ def model_differences(cached: dict, given: dict) -> list[str]:
         if old_config.get(key, "<absent>") != new_config.get(key, "<absent>"):
             problems.append(f"config.{key}: cache {_short(old_config.get(key, '<absent>'))}, "
                             f"given {_short(new_config.get(key, '<absent>'))}")
-    if cached.get("weights_sha256") != given["weights_sha256"]:
+    if cached.get("quantization") != given.get("quantization"):
+        from pdengine.quantize import quantization_name
+
+        cached_q, given_q = quantization_name(cached.get("quantization")), quantization_name(given.get("quantization"))
+        problems.append(f"quantization: cache {cached_q}, given {given_q} (the student's base must be the "
+                        f"teacher's: load it with --quantize {cached_q})")
+    elif cached.get("weights_sha256") != given["weights_sha256"]:
         problems.append(f"weights: cache hash {cached.get('weights_sha256')}, given {given['weights_sha256']} "
                         "(same config, other weights: another checkpoint or a merged fine-tune)")
     if not problems and cached.get("fingerprint") != given["fingerprint"]:
