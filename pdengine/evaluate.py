@@ -97,8 +97,15 @@ def check_eval_inputs(documents, questions, tokenizer=None) -> dict[str, dict]:
     differences stay paired). With a tokenizer, warns on a high share of `<unk>` tokens."""
     docs = index_documents(documents)
     _check_questions(questions, need_answer=True)
+    unknown = []
     for i, q in enumerate(questions):
-        document_of(docs, q, f"questions[{i}]")
+        try:
+            document_of(docs, q, f"questions[{i}]")
+        except InputError as e:
+            unknown.append(str(e))
+    if unknown:
+        raise InputError(f"{len(unknown)} of {len(questions)} eval questions have no document among the documents "
+                         f"(first: {unknown[0]}); every method must answer the same questions")
     if tokenizer is not None:
         input_checks.check_unknown_tokens(tokenizer, docs, questions, stage="eval")
     return docs

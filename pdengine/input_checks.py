@@ -13,7 +13,8 @@ whose document is known, every answer empty.
 - `check_answers`: empty or truncated answers, dropped and counted (never trained on).
 - `check_near_duplicates`: questions of a document that say the same thing (same
   normalised text, or a high token overlap): they weigh that fact several times.
-- `check_eval_documents`: eval questions whose document is not among the documents.
+Eval questions whose document is missing are an error, counted, in evaluate.check_eval_inputs
+(every method must answer the same questions, so none can be dropped silently).
 
 See docs/DESIGN.md, "Conventions" (errors and warnings) and "Method" (the stages).
 """
@@ -229,24 +230,6 @@ def check_near_duplicates(questions, *, overlap: float = DUPLICATE_OVERLAP, stag
 # ---------------------------------------------------------------- eval questions
 
 
-def check_eval_documents(documents, eval_questions, *, stage: str = "eval", stream=None) -> InputReport:
-    """Eval questions whose `doc_id` is not among the documents: the open-book teacher and
-    the per-document breakdown cannot use them. InputError when none is known."""
-    docs = index_documents(documents)
-    rows = list(eval_questions)
-    keys = [doc_key(q.get("doc_id")) for q in rows]
-    missing = [k for k in keys if k not in docs]
-    report = InputReport("eval_documents", counts={"questions": len(rows), "missing_document": len(missing),
-                                                   "missing_ids": len(set(missing))})
-    if rows and len(missing) == len(rows):
-        raise InputError(f"{stage}: none of the {len(rows)} eval questions names a document among the "
-                         f"{len(docs)} documents (e.g. doc_id {missing[0]!r}); are these the right files?")
-    if missing:
-        _emit(report, stage, f"{len(missing)} of {len(rows)} eval questions name a document that is not among the "
-              f"documents ({len(set(missing))} ids: {_examples(dict.fromkeys(missing))})", stream)
-    return report
-
-
 __all__ = ["InputReport", "check_unknown_tokens", "check_questions_per_document", "check_answers",
-           "check_near_duplicates", "check_eval_documents", "unknown_token_counts", "near_duplicate_pairs",
+           "check_near_duplicates", "unknown_token_counts", "near_duplicate_pairs",
            "token_overlap", "normalized"]

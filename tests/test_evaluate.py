@@ -242,3 +242,12 @@ def test_eval_cli_reports_several_seeds_of_one_adapter(eval_files):
     assert report["adapters"]["prompt_distillation"] == [str(tmp / "pd0"), str(tmp / "pd1")]
     row = json.loads((tmp / "r" / "answers.jsonl").read_text().splitlines()[0])
     assert len(row["answers"]["prompt_distillation"]) == 2 and len(row["seed_scores"]["pd_rag"]) == 2
+
+
+def test_questions_without_their_document_are_counted_in_one_error():
+    from pdengine.evaluate import check_eval_inputs
+
+    questions = [{**QUESTIONS[0], "doc_id": "gone"}, QUESTIONS[0], {**QUESTIONS[0], "doc_id": "gone2"}]
+    with pytest.raises(InputError, match=r"^2 of 3 eval questions have no document among the documents "
+                                         r"\(first: questions\[0\]: doc_id 'gone' is not among"):
+        check_eval_inputs(DOCS, questions)
