@@ -315,7 +315,7 @@ def _adapter_loader(args, cfg, path):
     def load():
         import pdengine
 
-        model, _ = generation.load_model(args.model, cfg, args.device)
+        model, _ = generation.load_model(args.model, cfg, args.device, **generation.load_options(args))
         return pdengine.load_adapter(model, path)
 
     return load
@@ -348,11 +348,12 @@ def run(args) -> int:
     fmt, trained_prompt = prompt_record.eval_format(
         args.system, [p for paths in adapters.values() for p in paths], allow_other)
     with DirectoryLock(args.out, purpose="pdengine eval"):
-        model, tokenizer = generation.load_model(args.model, cfg, args.device)
+        model, tokenizer = generation.load_model(args.model, cfg, args.device, **generation.load_options(args))
         prompt_record.check_template(tokenizer, fmt, trained_prompt, allow_other)
         judge_model = judge_tokenizer = None
         if cfg.judge_model:
-            judge_model, judge_tokenizer = generation.load_model(cfg.judge_model, cfg, args.device)
+            judge_model, judge_tokenizer = generation.load_model(  # the judge is not the quantized base
+                cfg.judge_model, cfg, args.device, attn_implementation=args.attn_implementation)
         metrics, per_question = evaluate(
             model, tokenizer, documents, questions, cfg,
             students={name: [_adapter_loader(args, cfg, p) for p in paths] for name, paths in adapters.items()},

@@ -50,20 +50,31 @@ def resolve_settings(cls, settings, overrides: dict):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, out_help: str) -> None:
-    """The flags a stage's pipeline wiring sets (not stage settings): model, documents, out, device, system."""
-    parser.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
+    """The flags a stage's pipeline wiring sets (not stage settings): model, device,
+    attn-implementation, quantize (pdengine.loading's, the same on every command),
+    documents, out, system."""
+    from pdengine.loading import add_model_arguments as add_loading_arguments
+
+    add_loading_arguments(parser)
     parser.add_argument("--documents", required=True, help="documents JSONL: {id, text}")
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--system", default=None, help="system prompt (PromptFormat.system)")
 
 
-def load_model(path, settings: ModelStageSettings, device=None):
-    """(model, tokenizer) from a local directory, in the settings' dtype."""
+def load_model(path, settings: ModelStageSettings, device=None, *, attn_implementation="auto", quantize=None):
+    """(model, tokenizer) from a local directory, in the settings' dtype, with the
+    attention implementation and quantization of `pdengine.loading.add_model_arguments`."""
     from pdengine.loading import load_model_and_tokenizer
 
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
-    return load_model_and_tokenizer(path, dtype=dtype, device=device)
+    return load_model_and_tokenizer(path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                    quantize=quantize)
+
+
+def load_options(args) -> dict:
+    """The loading flags of a parsed command line, as `load_model`'s keywords."""
+    return {"attn_implementation": getattr(args, "attn_implementation", "auto"),
+            "quantize": getattr(args, "quantize", None)}
 
 
 # ---------------------------------------------------------------- padding and stopping

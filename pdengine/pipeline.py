@@ -273,7 +273,7 @@ def plan_stage(stage: str, config: dict, wired: dict) -> StagePlan:
     add_arguments, run = stage_functions(COMMANDS.get(stage, stage))
     parser = _RaisingParser(prog=f"pdengine {stage}", add_help=False)
     add_arguments(parser)
-    wired = _model_options_for(stage, parser, wired)
+    wired = _model_options_for(stage, wired)
     try:
         namespace = parser.parse_args(_wiring_argv({k: v for k, v in wired.items() if k not in overrides}))
     except InputError as e:
@@ -294,18 +294,16 @@ def _section(config: dict, stage: str) -> dict:
     return section
 
 
-def _model_options_for(stage: str, parser, wired: dict) -> dict:
-    """`wired` without the model-loading options the stage's command does not take; one
-    asked for explicitly there is an InputError (it would be silently ignored)."""
-    known = {action.dest for action in parser._actions}
-    kept = dict(wired)
-    for key, nothing_asked in MODEL_OPTIONS.items():
-        if key in kept and key not in known:
-            value = kept.pop(key)
-            if value is not None and value != nothing_asked:
-                raise InputError(f"config: {key}: {value!r} cannot be applied: stage {stage} does not take "
-                                 f"--{key.replace('_', '-')} yet")
-    return kept
+# The stages whose commands load a model (they all take pdengine.loading.add_model_arguments);
+# the others (chunk reads only the tokenizer) get no model-loading options.
+MODEL_STAGES = ("generate", "answer", "prefill", "replay", "train", "eval")
+
+
+def _model_options_for(stage: str, wired: dict) -> dict:
+    """`wired` with the model-loading options only for the stages that load a model."""
+    if stage in MODEL_STAGES:
+        return wired
+    return {k: v for k, v in wired.items() if k not in MODEL_OPTIONS}
 
 
 def _external_inputs(wired: dict, settings, out) -> list[str]:

@@ -293,7 +293,7 @@ def run_generate(args) -> int:
     documents = read_jsonl(args.documents, required=("id", "text"))
     index_documents(documents, args.documents)  # bad documents fail before the model loads
     question_prompt_text(cfg.prompt)
-    model, tokenizer = generation.load_model(args.model, cfg, args.device)
+    model, tokenizer = generation.load_model(args.model, cfg, args.device, **generation.load_options(args))
     rows = generate_questions(model, tokenizer, documents, cfg, fmt=PromptFormat(system=args.system))
     if not rows:
         raise InputError("the model wrote no usable question; check the prompt, --max-new-tokens, or the model")
@@ -313,7 +313,7 @@ def run_answer(args) -> int:
     docs = index_documents(documents, args.documents)
     for i, q in enumerate(questions):
         document_of(docs, q, f"{args.questions}: questions[{i}]")
-    model, tokenizer = generation.load_model(args.model, cfg, args.device)
+    model, tokenizer = generation.load_model(args.model, cfg, args.device, **generation.load_options(args))
     rows = answer_questions(model, tokenizer, documents, questions, cfg, fmt=PromptFormat(system=args.system))
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)

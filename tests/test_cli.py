@@ -212,3 +212,20 @@ def test_train_takes_the_loading_flags_for_training(model_dir, data, capsys):
     assert "'flex_attention' cannot be used: it is not available on cpu for training" in _error_line(capsys)
     assert cli.main([*train, "--quantize", "fp8"]) == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_generate_answer_eval_take_the_loading_flags(model_dir, data, capsys):
+    common = ["--model", str(model_dir), "--documents", str(data / "docs.jsonl"), "--batch-size", "4",
+              "--device", "cpu"]
+    flags = ["--attn-implementation", "eager", "--quantize", "none"]
+    assert cli.main(["generate", *common, *flags, "--out", str(data / "q.jsonl"), "--n-questions", "2",
+                     "--per-call", "2", "--max-new-tokens", "12"]) == 0
+    assert cli.main(["answer", *common, *flags, "--questions", str(data / "q.jsonl"), "--out",
+                     str(data / "qa.jsonl"), "--max-new-tokens", "5"]) == 0
+    assert cli.main(["eval", *common, *flags, "--questions", str(data / "eval.jsonl"), "--out", str(data / "ev"),
+                     "--max-new-tokens", "4", "--methods", "closed_book"]) == 0
+    capsys.readouterr()
+    for command in (["generate", "--out", str(data / "q2.jsonl")],
+                    ["eval", "--questions", str(data / "eval.jsonl"), "--out", str(data / "ev2")]):
+        assert cli.main([command[0], *common, "--attn-implementation", "flash_attention_2", *command[1:]]) == 2
+        assert "'flash_attention_2' cannot be used" in _error_line(capsys)

@@ -227,12 +227,9 @@ def test_attn_implementation_reaches_the_stages_and_the_cache_manifest(model_dir
     assert "attn_implementation must be one of auto, sdpa, eager" in _error_line(capsys)
 
 
-def test_a_model_option_a_stage_cannot_take_is_refused_not_dropped():
-    import argparse
+def test_model_options_reach_every_model_stage_and_only_those():
+    wired = {"model": "m", "device": "cpu", "attn_implementation": "eager", "quantize": "nf4"}
+    for stage in pipeline.MODEL_STAGES:
+        assert pipeline._model_options_for(stage, wired) == wired
+    assert pipeline._model_options_for("chunk", wired) == {"model": "m"}  # chunk reads only the tokenizer
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model")
-    wired = {"model": "m", "device": None, "attn_implementation": None, "quantize": "none"}
-    assert pipeline._model_options_for("generate", parser, wired) == {"model": "m"}
-    with pytest.raises(InputError, match="attn_implementation: 'eager' cannot be applied: stage generate does not"):
-        pipeline._model_options_for("generate", parser, {**wired, "attn_implementation": "eager"})
