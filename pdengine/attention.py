@@ -31,8 +31,8 @@ def available(device: torch.device | str, *, training: bool = True) -> list[str]
         names.append("flex_attention")
         if _flash_attn_installed():
             names.append("flash_attention_2")
-    elif not training:
-        names.append("flex_attention")  # FlexAttention has no CPU backward in torch 2.13
+    # Not on the CPU: torch 2.13's CPU FlexAttention has no backward, and its forward aborted
+    # the process in prefill (heap corruption) and failed to compile in generation (measured).
     return names
 
 
@@ -47,7 +47,7 @@ def choose(requested: str | None, device: torch.device | str, *, training: bool 
         return "flash_attention_2" if "flash_attention_2" in names else "sdpa"
     if requested not in names:
         why = "flash-attn is not installed" if requested == "flash_attention_2" else \
-            f"it is not available on {torch.device(device).type}" + (" for training" if training else "")
+            f"it is not available on {torch.device(device).type}"
         raise InputError(f"attention implementation {requested!r} cannot be used: {why}; "
                          f"available here: {', '.join(names)}")
     return requested

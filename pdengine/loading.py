@@ -67,7 +67,6 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None, attn_implementati
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     implementation = attention.choose(attn_implementation, device, training=training)
-    _refuse_cpu_flex_attention(implementation, device)
     extra = quantization.from_pretrained_kwargs(path, quantize, device)  # before any weight is read
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -84,15 +83,6 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None, attn_implementati
         raise InputError(f"cannot load a causal LM from {path}: {_first_line(e)}") from None
     _announce_attention(model)
     return quantization.prepare_loaded_model(model, device).eval(), tokenizer
-
-
-def _refuse_cpu_flex_attention(implementation: str, device: torch.device) -> None:
-    """FlexAttention's CPU kernels in torch 2.13 abort the process in prefill (heap
-    corruption in both the block-mask and the prefix-KV path, head_dim 8 and 64 alike) and
-    fail to compile in generation: an InputError up front instead of a crash mid-run."""
-    if implementation == "flex_attention" and device.type == "cpu":
-        raise InputError("attention implementation 'flex_attention' cannot be used on the CPU: torch's CPU "
-                         "FlexAttention kernels crash in prefill and generation; use sdpa or eager")
 
 
 _ANNOUNCED: set[str] = set()  # implementations already printed by this process

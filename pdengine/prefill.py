@@ -30,6 +30,7 @@ from pdengine.config import POSITIVE, check_settings, setting
 from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
 from pdengine.fingerprints import model_differences, tokenizer_differences
+from pdengine.loading import attention_implementation_of
 from pdengine.locking import LOCK_NAME, DirectoryLock
 from pdengine.ops.teacher_topk import teacher_topk
 from pdengine.prefill_packing import (  # noqa: F401  (re-exported: the row layout is part of prefill's API)
@@ -192,6 +193,8 @@ def _new_manifest(model, tokenizer, fmt, examples, settings: PrefillConfig):
         "temperature": float(settings.temperature),
         "softcap": modeling.final_logit_softcap(model),
         "teacher_attention": teacher_path(model, settings.teacher_attention),
+        # the kernels the teacher ran with (a field the schema does not name; readers ignore it)
+        "attn_implementation": attention_implementation_of(model),
         "student_sees_document": bool(settings.student_sees_document),
         "shard_size": settings.shard_size,
         "total_items": len(examples),
@@ -435,19 +438,8 @@ def run(args) -> int:
                     shard_size=settings.shard_size, resume=not args.force, progress=settings.progress,
                     student_sees_document=settings.student_sees_document, share_prefix=settings.share_prefix,
                     teacher_attention=settings.teacher_attention)
-    if distributed.context().is_main:  # under torchrun rank 0 owns the manifest
-        _record_attention(args.out, model)
     counts = cache.manifest["counts"]
     print(f"teacher cache {args.out}: {counts['items']} QA pairs, {counts['answer_tokens']} answer tokens, "
           f"{counts['bytes']} bytes ({counts['bytes_per_answer_token']:.1f} B/answer token)")
     return 0
 
-
-def _record_attention(out_dir, model) -> None:
-    """The manifest's `attn_implementation`: the kernels the teacher ran with (a field the
-    cache schema does not name, so readers ignore it; docs/DESIGN.md, "Cache format")."""
-    from pdengine.loading import attention_implementation_of
-
-    manifest = cache_format.read_manifest(out_dir)
-    manifest["attn_implementation"] = attention_implementation_of(model)
-    cache_format.write_manifest(Path(out_dir), manifest)

@@ -55,9 +55,9 @@ def test_choice():
     assert attention.choose(None, "cpu") == "sdpa"
     assert attention.choose("auto", "cpu") == "sdpa"
     assert attention.choose("eager", "cpu") == "eager"
-    assert attention.choose("flex_attention", "cpu", training=False) == "flex_attention"
-    with pytest.raises(InputError, match="'flex_attention' cannot be used: it is not available on cpu for training"):
-        attention.choose("flex_attention", "cpu")
+    for training in (True, False):
+        with pytest.raises(InputError, match="'flex_attention' cannot be used: it is not available on cpu"):
+            attention.choose("flex_attention", "cpu", training=training)
     with pytest.raises(InputError, match="flash-attn is not installed"):
         attention.choose("flash_attention_2", "cpu")
     with pytest.raises(InputError, match="must be one of auto, sdpa"):

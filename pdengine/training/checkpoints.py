@@ -140,7 +140,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     if meta.get("format") != FORMAT or meta.get("version") != str(VERSION) or "state" not in meta:
         raise InputError(f"{path} is not a pdengine checkpoint (format {meta.get('format')!r}, "
                          f"version {meta.get('version')!r})")
-    return tensors, json.loads(meta["state"])
+    try:
+        return tensors, json.loads(meta["state"])
+    except ValueError as e:
+        raise InputError(f"{path}: its metadata is damaged ({e}); remove it to resume from the one before") from None
 
 
 def _metadata(data: bytes) -> dict:
