@@ -46,7 +46,8 @@ setup(
     python_requires=">=3.10",
     # torch and triton are deliberately not pinned to a version: pip must never replace a
     # user's CUDA build of torch. run.sh installs them when they are missing.
-    install_requires=["numpy", "safetensors", "transformers", "tqdm", "pyyaml"],
+    install_requires=["numpy", "safetensors", "transformers", "tqdm", "pyyaml", "bm25s", "matplotlib"],
+    extras_require={"qlora": ["bitsandbytes"], "peft": ["peft"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["pdengine=pdengine.cli:main"]},

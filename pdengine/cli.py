@@ -1,6 +1,7 @@
 """The `pdengine` command line.
 
     pdengine chunk | generate | answer | prefill | train | eval | demo   one stage (see --help of each)
+    pdengine export --merge | curves                                merge an adapter; plot a training run
     pdengine run --config F.yaml|.toml [--force [STAGE]]           the whole pipeline, resumable
     pdengine bench [NAME [ARGS...]]                                run bench/NAME.py
 
@@ -37,6 +38,9 @@ STAGE_COMMANDS = {
     "train": ("pdengine.train", "add_arguments", "run", "train the LoRA student from the teacher cache"),
     "eval": ("pdengine.evaluate", "add_arguments", "run",
              "closed-book / open-book / RAG evaluation and report"),
+    "export": ("pdengine.export", "add_arguments", "run",
+               "write the base model with an adapter merged into it as one full model (--merge)"),
+    "curves": ("pdengine.curves", "add_arguments", "run", "draw a training run's curves (training_curves.png)"),
     "demo": ("pdengine.demo", "add_arguments", "run",
              "the embedded end-to-end demo on a tiny local model"),
 }

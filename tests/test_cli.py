@@ -229,3 +229,9 @@ def test_generate_answer_eval_take_the_loading_flags(model_dir, data, capsys):
                     ["eval", "--questions", str(data / "eval.jsonl"), "--out", str(data / "ev2")]):
         assert cli.main([command[0], *common, "--attn-implementation", "flash_attention_2", *command[1:]]) == 2
         assert "'flash_attention_2' cannot be used" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["export", "curves"])
+def test_export_and_curves_are_commands(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    assert f"usage: pdengine {command}" in capsys.readouterr().out
