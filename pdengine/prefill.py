@@ -52,10 +52,9 @@ class PrefillConfig:
     system: str | None = setting(None, "system prompt of teacher and student prompts")
     student_sees_document: bool = setting(False, "replay cache: the student sequence is the teacher sequence")
     share_prefix: bool = setting(True, "encode each document once for all its QA pairs")
-    teacher_attention: str = setting("auto", "how a document's QA pairs attend to it: mask (block-mask rows), "
-                                     "prefix_kv (the prefix's KV cache), auto (mask when the document fits one "
-                                     "row, else prefix_kv; always prefix_kv for sliding-window models)",
-                                     choices=PATHS)
+    teacher_attention: str = setting("auto", "how a document's QA pairs attend to it: prefix_kv (the prefix's "
+                                     "KV cache; what auto means: measured faster at every length), mask "
+                                     "(block-mask rows, kept for comparison)", choices=PATHS)
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
@@ -155,13 +154,18 @@ def teacher_prefix_kv(model, group, *, k: int, temperature: float, batch_tokens:
     return _topk(model, group_answer_hidden(model, group, batch_tokens), k=k, temperature=temperature)
 
 
+def _has_sliding_window(config) -> bool:
+    if not getattr(config, "sliding_window", None) or not getattr(config, "use_sliding_window", True):
+        return False
+    return "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
+
+
 def teacher_path(model, requested: str) -> str:
-    """The path `auto` means for this model: sliding-window attention needs the model's own
-    cache (a block mask would override its window), so such models always take prefix_kv."""
-    if requested == "auto" and getattr(model.config, "sliding_window", None):
-        layer_types = getattr(model.config, "layer_types", None) or ["sliding_attention"]
-        if "sliding_attention" in layer_types and getattr(model.config, "use_sliding_window", True):
-            return "prefix_kv"
+    """The path `auto` means: the prefix KV cache, faster than block-mask rows at every
+    document length measured (bench/RESULTS.md, "prefill"). Sliding-window models always
+    take it: a block mask would override their window."""
+    if requested == "auto" or _has_sliding_window(model.config):
+        return "prefix_kv"
     return requested
 
 

@@ -33,15 +33,14 @@ def _suffix_length(ex, prefix_len) -> int:
 PATHS = ("auto", "mask", "prefix_kv")
 
 
-def make_groups(examples, batch_tokens: int, share_prefix: bool = True, path: str = "auto") -> list[dict]:
+def make_groups(examples, batch_tokens: int, share_prefix: bool = True, path: str = "mask") -> list[dict]:
     """Split examples into groups {prefix_len, items, prefix_kv}.
 
     With share_prefix a document's items form one group. How the teacher runs it (`path`):
-    "mask": block-mask rows, the document split into several groups (each re-encoding its
-    prefix) when it does not fit one row of batch_tokens; "prefix_kv": the whole document is
-    one group whose prefix is encoded once and kept as a KV cache (pdengine/prefix_kv.py);
-    "auto": block-mask rows for documents that fit one row (measured faster for short ones),
-    the prefix KV cache for longer ones. Without share_prefix every item is its own group.
+    "prefix_kv": the whole document is one group whose prefix is encoded once and kept as a
+    KV cache (pdengine/prefix_kv.py); "mask": block-mask rows, the document split into
+    several groups (each re-encoding its prefix) when it does not fit one row of
+    batch_tokens. Without share_prefix every item is its own group.
     """
     by_doc: dict[str, list[dict]] = {}
     for ex in examples:
@@ -50,8 +49,7 @@ def make_groups(examples, batch_tokens: int, share_prefix: bool = True, path: st
     for members in by_doc.values():
         prefix_len = _prefix_length(members)
         sizes = [_suffix_length(ex, prefix_len) for ex in members]
-        fits_one_row = prefix_len + sum(sizes) <= batch_tokens
-        if share_prefix and (path == "prefix_kv" or (path == "auto" and not fits_one_row)):
+        if share_prefix and path == "prefix_kv":
             groups.append({**_group(members), "prefix_kv": True})
             continue
         for part in greedy_pack(sizes, batch_tokens, overhead=prefix_len):
@@ -105,6 +103,6 @@ def build_row(groups) -> dict:
             "targets": torch.tensor(targets, dtype=torch.int64)}
 
 
-def count_tokens(examples, batch_tokens: int, share_prefix: bool = True, path: str = "auto") -> int:
+def count_tokens(examples, batch_tokens: int, share_prefix: bool = True, path: str = "mask") -> int:
     """Tokens the teacher processes for these examples (for benchmarks and logs)."""
     return sum(_group_tokens(g) for g in make_groups(examples, batch_tokens, share_prefix, path))

@@ -83,7 +83,7 @@ def _cache_rows(cache):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_prefill_paths_agree_and_auto_takes_prefix_kv_for_long_documents(family, tmp_path):
+def test_prefill_paths_agree_and_auto_is_prefix_kv(family, tmp_path):
     from helpers import DOCUMENTS, QA, tiny_model_and_tokenizer
 
     from pdengine.prefill import build_examples, make_groups, prefill
@@ -91,16 +91,14 @@ def test_prefill_paths_agree_and_auto_takes_prefix_kv_for_long_documents(family,
     model, tok = tiny_model_and_tokenizer(family)
     examples = build_examples(tok, DOCUMENTS, QA)
     small = max(len(ex["teacher_input_ids"]) for ex in examples)  # "ada" (3 pairs) no longer fits one row
-    groups = make_groups(examples, small, path="auto")
-    assert [g["prefix_kv"] for g in groups] == [True, False]  # ada by its KV cache, bob in a block-mask row
-    assert not any(g["prefix_kv"] for g in make_groups(examples, 4096, path="auto"))
+    assert [g["prefix_kv"] for g in make_groups(examples, small, path="prefix_kv")] == [True, True]
+    assert not any(g["prefix_kv"] for g in make_groups(examples, small, path="mask"))
     caches = {path: prefill(model, tok, DOCUMENTS, QA, tmp_path / path, k=8, progress=False, batch_tokens=small,
                             teacher_attention=path) for path in ("mask", "prefix_kv", "auto")}
-    assert caches["auto"].manifest["teacher_attention"] == "auto"
+    assert caches["auto"].manifest["teacher_attention"] == "prefix_kv"
     for (ids_m, lp_m), (ids_k, lp_k) in zip(_cache_rows(caches["mask"]), _cache_rows(caches["prefix_kv"])):
         span = lp_m[:, :1] - lp_m[:, -1:]
         assert (lp_m - lp_k).abs().le(span / 250 + 1e-4).all()  # the cache's uint8 log-prob encoding
         assert (ids_m == ids_k).float().mean() > 0.95  # ids may differ only at ties
-    for i, (ids, lp) in enumerate(_cache_rows(caches["auto"])):  # each document took the path auto chose for it
-        ids_w, lp_w = _cache_rows(caches["prefix_kv" if QA[i]["doc_id"] == "ada" else "mask"])[i]
-        assert torch.equal(ids, ids_w) and torch.equal(lp, lp_w)
+    for a, b in zip(_cache_rows(caches["prefix_kv"]), _cache_rows(caches["auto"])):  # auto is prefix_kv
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -9,8 +9,8 @@
   document in its prompt) runs now, and the full-vocabulary KL is taken on materialized
   logits. A baseline; slow and memory-hungry by design.
 
-The model *body* runs on the packed row (restarted positions, a block mask so sequences
-never see each other); only the hidden states at the target positions meet the lm_head,
+The model *body* runs on the packed row (restarted positions and no KV cache, so the
+model's own attention keeps the sequences apart); only the hidden states at the target positions meet the lm_head,
 inside the fused `linear_topk_kl` op, so the `[tokens, vocab]` logits never exist.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def batch_loss(model, batch: dict, *, loss: str = "pd", temperature: float = 2.0
     """The distillation loss of one packed batch (`cache.batches(...)`), for any training loop.
 
     It honours what a packed batch needs and a hand-written loss easily misses: the
-    restarted `position_ids`, the block mask that keeps packed sequences apart, and the
+    restarted `position_ids` (which, without a KV cache, keep packed sequences apart), and the
     `target_positions` just before each answer token. `temperature` must be the cache's.
     Equal to `compute_loss(model, batch, TrainConfig(loss=..., temperature=..., ...))`.
     """
