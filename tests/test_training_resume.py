@@ -71,6 +71,7 @@ def test_run_json_is_written_only_once_a_step_succeeded(tmp_path, items):
     assert not (tmp_path / "run.json").exists()
     result = train(tiny_model(), None, items, tmp_path, config(max_steps=1))  # the corrected command
     assert result["steps"] == 1 and (tmp_path / "run.json").is_file()
+    assert json.loads((tmp_path / "run.json").read_text())["attn_implementation"] == "sdpa"  # what it trained with
 
 
 def test_run_json_without_config_is_one_line_error(tmp_path, items):

@@ -23,6 +23,7 @@ import torch
 
 from pdengine import modeling
 from pdengine.errors import InputError
+from pdengine.loading import attention_implementation_of
 from pdengine.locking import DirectoryLock
 from pdengine.training import checkpoints, prompt_record, run_dir, tensorboard_log
 from pdengine.training.batching import mix_seed, pack_teacher
@@ -286,7 +287,8 @@ def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: 
         run_dir.repair_metrics(out, trainer.step)
     name = str(getattr(model.config, "_name_or_path", "") or "")
     prompt = prompt_record.prompt_of(cache)
-    trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name, prompt)
+    attn = attention_implementation_of(model)
+    trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name, prompt, attn)
     started = time.perf_counter()
     progress = _progress_bar(trainer.total_steps, trainer.step, config.progress)
     writer = tensorboard_log.open_writer(out, config.tensorboard)

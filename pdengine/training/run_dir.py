@@ -49,12 +49,14 @@ def saved_config(run: dict, path: Path) -> TrainConfig:
 
 
 def write_run(out: Path, config: TrainConfig, cache_identity: dict, replay_identity: dict | None,
-              model_name: str, prompt: dict | None = None) -> None:
+              model_name: str, prompt: dict | None = None, attn_implementation: str | None = None) -> None:
     """`prompt`: the cache manifest's template record (chat template fingerprint and the
-    PromptFormat, system prompt included) that `pdengine eval` holds the student to."""
+    PromptFormat, system prompt included) that `pdengine eval` holds the student to.
+    `attn_implementation`: the attention kernels the student trained with (informative)."""
     atomic_write_json(Path(out) / RUN_FILE, {"config": config.to_dict(), "cache": cache_identity,
                                              "replay_cache": replay_identity, "model": model_name,
-                                             "prompt": prompt, "init_adapter": adapter_identity(config.init_adapter)})
+                                             "prompt": prompt, "init_adapter": adapter_identity(config.init_adapter),
+                                             "attn_implementation": attn_implementation})
 
 
 def adapter_identity(path) -> dict | None:
