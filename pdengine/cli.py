@@ -70,6 +70,16 @@ def main(argv=None) -> int:
             raise
         print(f"pdengine {command}: error: {e}", file=sys.stderr)
         return e.code if isinstance(e, CommandError) else 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun a command that joined the process group leaves it at the end (the
+    module is only loaded, and torch.distributed only touched, when a stage used it)."""
+    module = sys.modules.get("pdengine.distributed")
+    if module is not None:
+        module.shutdown()
 
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -90,9 +91,9 @@ _ANNOUNCED: set[str] = set()  # implementations already printed by this process
 
 def _announce_attention(model) -> None:
     """Print the attention implementation once per process (eval loads one model per
-    adapter: one line is enough)."""
+    adapter: one line is enough), and under torchrun only on rank 0."""
     name = attention_implementation_of(model)
-    if name not in _ANNOUNCED:
+    if name not in _ANNOUNCED and os.environ.get("RANK", "0") == "0":
         _ANNOUNCED.add(name)
         print(f"pdengine: attention implementation {name}", file=sys.stderr, flush=True)
 

@@ -442,6 +442,8 @@ def run(args) -> int:
                     shard_size=settings.shard_size, resume=not args.force, progress=settings.progress,
                     student_sees_document=settings.student_sees_document, share_prefix=settings.share_prefix,
                     teacher_attention=settings.teacher_attention)
+    if not distributed.context().is_main:  # under torchrun rank 0 speaks for the job
+        return 0
     counts = cache.manifest["counts"]
     print(f"teacher cache {args.out}: {counts['items']} QA pairs, {counts['answer_tokens']} answer tokens, "
           f"{counts['bytes']} bytes ({counts['bytes_per_answer_token']:.1f} B/answer token)")
