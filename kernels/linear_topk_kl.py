@@ -370,6 +370,33 @@ def _scatter_sparse(
 
 
 @triton.jit
+def _weight_grads(g_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, cols64, row_mask, col_mask, D, R,
+                  stride_h, stride_ha, HAS_LORA: tl.constexpr, WEIGHT_GRAD: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dW += G^T h and dB += G^T hA for one tile of G, given transposed (`g_t`, [BLOCK_V,
+    BLOCK_N], in the tensor-core input dtype): fp32 atomics. Shared by the two-pass
+    backward and the single pass's kept-tile kernel."""
+    if WEIGHT_GRAD:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            dw = dot(g_t, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE)
+            tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
+                          mask=col_mask[:, None] & d_mask[None, :])
+    if HAS_LORA:
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rs < R
+            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
+                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+            db = dot(g_t, ha, tl.zeros((BLOCK_V, BLOCK_R), tl.float32), IEEE)
+            tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
+                          mask=col_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
 def _dense_bwd_kernel(
     h_ptr, w_ptr, ha_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr,
     N, V, D, R, stride_h, stride_w, stride_ha, stride_b,
@@ -404,26 +431,17 @@ def _dense_bwd_kernel(
         dh = dot(g_in, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), IEEE)
         tl.atomic_add(dh_ptr + rows64[:, None] * D + ds[None, :], dh,
                       mask=row_mask[:, None] & d_mask[None, :])
-        if WEIGHT_GRAD:
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            dw = dot(g_in_t, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE)
-            tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
-                          mask=col_mask[:, None] & d_mask[None, :])
     if HAS_LORA:
         for r0 in range(0, R, BLOCK_R):
             rs = r0 + tl.arange(0, BLOCK_R)
             r_mask = rs < R
             b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
                         mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
-                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
             gb = dot(g_in, b, tl.zeros((BLOCK_N, BLOCK_R), tl.float32), IEEE)
             tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
                           mask=row_mask[:, None] & r_mask[None, :])
-            db = dot(g_in_t, ha, tl.zeros((BLOCK_V, BLOCK_R), tl.float32), IEEE)
-            tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
-                          mask=col_mask[:, None] & r_mask[None, :])
+    _weight_grads(g_in_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, cols64, row_mask, col_mask, D, R,
+                  stride_h, stride_ha, HAS_LORA, WEIGHT_GRAD, IEEE, BLOCK_V, BLOCK_D, BLOCK_R)
 
 
 # ------------------------------------------------------------------------ single pass
@@ -518,24 +536,8 @@ def _kept_wgrad_kernel(
     row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0) * tl.exp(tile_max - row_max)
     g_in_t = tl.trans(tl.where(mask, kept * scale[:, None], 0.0).to(h_ptr.dtype.element_ty))
-    if WEIGHT_GRAD:
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            dw = dot(g_in_t, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE)
-            tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
-                          mask=col_mask[:, None] & d_mask[None, :])
-    if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rs < R
-            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
-                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            db = dot(g_in_t, ha, tl.zeros((BLOCK_V, BLOCK_R), tl.float32), IEEE)
-            tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
-                          mask=col_mask[:, None] & r_mask[None, :])
+    _weight_grads(g_in_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, cols64, row_mask, col_mask, D, R,
+                  stride_h, stride_ha, HAS_LORA, WEIGHT_GRAD, IEEE, BLOCK_V, BLOCK_D, BLOCK_R)
 
 
 # --------------------------------------------------------------------------- launchers
