@@ -81,6 +81,22 @@ class Context:
         return tensor
 
 
+def raise_if_any_failed(ctx: Context, error: Exception | None) -> None:
+    """Every rank raises when one rank failed a step all of them take (a check, a lock), so no
+    rank goes on to wait in a collective the failed one never joins. The failed rank raises
+    its own error; the others an InputError naming it. Every rank must call this."""
+    if ctx.distributed:
+        from pdengine.errors import InputError
+
+        messages = [None] * ctx.world_size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if error is None and failed:
+            raise InputError(f"rank {failed[0][0]} of {ctx.world_size} stopped: {failed[0][1]}")
+    if error is not None:
+        raise error
+
+
 _CONTEXT: Context | None = None
 
 
