@@ -97,6 +97,41 @@ def raise_if_any_failed(ctx: Context, error: Exception | None) -> None:
         raise error
 
 
+def map_units(ctx: Context, n_units: int, compute, *, check=None) -> list:
+    """`[compute(0), ..., compute(n_units - 1)]` on every rank, each unit computed by one rank
+    (round-robin) and the results exchanged, so every rank goes on with the one-process
+    result (and the same next step: a later round, another method). One process: a plain
+    loop. `check` (any picklable value, e.g. a fingerprint of the inputs) must be equal on
+    every rank: a difference is a bug that would break the identity with one process.
+    An error in a unit (on any rank) is raised on every rank by `raise_if_any_failed`
+    once the others have finished their units, so no rank waits in a collective."""
+    if not ctx.distributed:
+        return [compute(u) for u in range(n_units)]
+    results, error = {}, None
+    try:
+        for u in ctx.my_units(n_units):
+            results[u] = compute(u)
+    except Exception as e:  # noqa: BLE001  (re-raised below, on this rank as it was)
+        error = e
+    raise_if_any_failed(ctx, error)
+    parts = [None] * ctx.world_size
+    dist.all_gather_object(parts, (check, results))
+    if any(c != check for c, _ in parts):
+        raise RuntimeError(f"ranks computed units of different inputs ({[c for c, _ in parts]}); "
+                           "every rank must call with the same inputs")
+    merged = {u: r for _, part in parts for u, r in part.items()}
+    return [merged[u] for u in range(n_units)]
+
+
+def log_stream(ctx: Context):
+    """sys.stderr on rank 0, a sink elsewhere: what the whole job says once (warnings about
+    its shared inputs and results) is printed by rank 0 only."""
+    import io
+    import sys
+
+    return sys.stderr if ctx.is_main else io.StringIO()
+
+
 _CONTEXT: Context | None = None
 
 
