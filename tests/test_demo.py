@@ -1,6 +1,7 @@
 """The embedded demo: world, tokenizer, pretraining gate, and the pipeline end to end."""
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from pdengine.demo.pretrain import Encoder, pretrain, question_writing_validity,
 from pdengine.demo.tokenizer import build_tokenizer
 
 METHODS = ("base_closed_book", "teacher_open_book", "rag_bm25", "sft", "prompt_distillation", "pd_rag")
-STAGES = ("model", "gate", "questions", "answers", "prefill", "replay_prefill", "train_pd_seed0", "train_sft_seed0",
-          "train_pd_seed1", "train_sft_seed1", "evaluate", "reading_check")
+STAGES = ("model", "gate", "questions", "answers", "prefill", "replay_prefill", "train", "evaluate", "reading_check")
+RUNS = ("train_pd_seed0", "train_sft_seed0", "train_pd_seed1", "train_sft_seed1")  # parts of "train"
 KEY_COMPARISONS = ("prompt_distillation-sft", "prompt_distillation-rag_bm25", "pd_rag-rag_bm25")
 
 
@@ -119,7 +120,8 @@ def test_demo_cli_defaults():
 
 def test_demo_defaults_are_the_papers_sampling_and_three_training_seeds():
     cfg = DemoConfig()
-    assert (cfg.answer_temperature, cfg.seeds, cfg.progress, cfg.threads) == (1.5, 3, True, 1)
+    assert (cfg.answer_temperature, cfg.seeds, cfg.progress, cfg.threads, cfg.quantize) == (1.5, 3, True, 1, "none")
+    assert cfg.workers == min(2, os.cpu_count() or 1)
     assert DemoConfig.fast().seeds == 1 and DemoConfig.fast(seeds=2).seeds == 2
 
 
@@ -130,6 +132,10 @@ def test_demo_config_validation():
         DemoConfig(steps=0).validate()
     with pytest.raises(InputError, match="seeds must be >= 1"):
         DemoConfig(seeds=0).validate()
+    with pytest.raises(InputError, match="workers must be >= 1"):
+        DemoConfig(workers=0).validate()
+    with pytest.raises(InputError, match="'nf5' is not one of none, nf4, int8"):
+        DemoConfig(quantize="nf5").validate()
 
 
 def test_the_cli_passes_seeds_and_progress_to_the_demo(monkeypatch, tmp_path):
@@ -143,8 +149,11 @@ def test_the_cli_passes_seeds_and_progress_to_the_demo(monkeypatch, tmp_path):
     assert (seen["cfg"].seeds, seen["cfg"].progress, seen["cfg"].answer_temperature) == (1, False, 1.5)
     run(parser.parse_args(["--out", str(tmp_path)]))
     assert (seen["cfg"].seeds, seen["cfg"].progress, seen["cfg"].threads) == (3, True, 1)
-    run(parser.parse_args(["--out", str(tmp_path), "--threads", "2"]))
-    assert seen["cfg"].threads == 2
+    assert seen["cfg"].quantize == "none"
+    run(parser.parse_args(["--out", str(tmp_path), "--threads", "2", "--workers", "1", "--quantize", "nf4"]))
+    assert (seen["cfg"].threads, seen["cfg"].workers, seen["cfg"].quantize) == (2, 1, "nf4")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantize", "fp8"])
 
 
 def _methods(**contains):
@@ -176,15 +185,17 @@ def test_stages_log_wall_cpu_and_elapsed_time():
     assert stages.run("busy", lambda: sum(i * i for i in range(200_000))) > 0
     stages.run("idle", lambda: None)
     stages.finish()
+    stages.record("part", 1.5, 0.5, note="process 7")
     assert lines[0] == "[demo 0:00] 1/2 busy ..." and lines[1].startswith("[demo 0:00] 1/2 busy: ")
     assert "(cpu " in lines[1] and lines[3].startswith("[demo 0:00] 2/2 idle: ")
-    assert set(stages.seconds) == set(stages.cpu_seconds) == {"busy", "idle", "total"}
+    assert lines[4] == "[demo 0:00]   part: 1.5 s (cpu 0.5 s, process 7)"
+    assert set(stages.seconds) == set(stages.cpu_seconds) == {"busy", "idle", "part", "total"}
     assert stages.cpu_seconds["busy"] > 0 and stages.seconds["total"] >= stages.seconds["busy"]
 
 
 def test_demo_end_to_end_fast_with_two_training_seeds(tmp_path, capsys):
     out = tmp_path / "demo"
-    cfg = DemoConfig.fast(threads=1, seeds=2, steps=3)
+    cfg = DemoConfig.fast(threads=1, seeds=2, steps=3, workers=2)
     lines = []
     report = run_demo(out, cfg, log=lines.append)
     on_disk = json.loads((out / "report.json").read_text())
@@ -206,7 +217,7 @@ def test_demo_end_to_end_fast_with_two_training_seeds(tmp_path, capsys):
     assert t["pd_beats_sft"] == (t["pd_minus_sft_ci"][0] > 0)
     assert [r["seed"] for r in report["training"]["pd"]] == [0, 1]
     assert report["n_eval_questions"] == cfg.n_documents * len(W.ATTRIBUTES) * cfg.eval_per_fact
-    assert set(STAGES) <= set(report["timings"]) and report["timings"]["total"] > 0
+    assert set(STAGES + RUNS) <= set(report["timings"]) and report["timings"]["total"] > 0
     assert set(report["timings"]) == set(report["cpu_timings"]) and report["cpu_timings"]["total"] > 0
     assert report["questions"]["kept"] > 0 and report["config"]["answer_temperature"] == 1.5
     assert all(r["steps"] == cfg.steps for r in report["training"]["pd"] + report["training"]["sft"])
@@ -220,12 +231,55 @@ def test_demo_end_to_end_fast_with_two_training_seeds(tmp_path, capsys):
     assert (out / "report.md").is_file() and (out / "answers.jsonl").is_file()
     # the teacher reads: open-book accuracy on the new documents is high even in the fast run
     assert report["methods"]["teacher_open_book"]["contains"] >= 0.8
-    # progress: one start line and one end line (with wall and cpu time) per stage, bars on stderr
+    # progress: one start line and one end line (with wall and cpu time) per stage, one line per
+    # training run (as the workers finish them), bars on stderr
     for stage in STAGES:
         assert sum(f" {stage} ..." in line or f" {stage}: " in line for line in lines) == 2
+    for part in RUNS:
+        assert sum(line.startswith("[demo ") and f"   {part}: " in line and ", process " in line
+                   for line in lines) == 1
+    assert "in 2 processes, 1 thread(s) each" in next(line for line in lines if " train ..." in line)
     assert "target PD > SFT" in lines[-1] and "cpu time (s): model" in lines[-1]
+    assert "base: full precision (fp32)" in lines[-1] and report["quantization"]["identity"] is None
     err = capsys.readouterr().err
-    assert "train" in err and "teacher prefill" in err and "questions (round 1)" in err
+    assert "teacher prefill" in err and "questions (round 1)" in err
+    # the stage's CPU time counts the workers (reaped children), not only this process
+    assert report["cpu_timings"]["train"] >= 0.9 * sum(report["cpu_timings"][p] for p in RUNS)
+    # a run trained in a worker process equals the same run trained here, byte for byte
+    _retrain_here_and_compare(out, "sft", 1, cfg, tmp_path / "again")
+
+
+def _retrain_here_and_compare(out, loss, seed, cfg, again):
+    from pdengine.cache import TeacherCache
+    from pdengine.demo.students import train_student
+
+    model, run_summary = train_student(out / "model", TeacherCache(out / "cache"),
+                                       TeacherCache(out / "replay_cache"), again, loss, cfg, seed, progress=False)
+    name = "adapter/adapter_model.safetensors"
+    assert (again / name).read_bytes() == (out / loss / f"seed-{seed}" / name).read_bytes()
+    assert run_summary["steps"] == cfg.steps
+
+
+def test_demo_fast_on_an_nf4_base_records_the_quantization(tmp_path):
+    """`pdengine demo --quantize nf4`: the teacher (questions, answers, prefill, evaluation)
+    and the students are the same NF4 base; the report says what was quantized."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "demo"
+    lines = []
+    report = run_demo(out, DemoConfig.fast(threads=1, steps=2, quantize="nf4", workers=1, progress=False),
+                      log=lines.append)
+    q = report["quantization"]
+    assert report["config"]["quantize"] == q["quantize"] == "nf4"
+    assert q["identity"] == {"method": "bitsandbytes-nf4", "blocksize": 64, "double_quant": True}
+    # every linear layer of the 2 decoder layers (q, k, v, o, gate, up, down: d_in 128 or 384,
+    # multiples of the blocksize, so none is refused on the CPU); embeddings and lm_head stay fp32
+    assert q["quantized_layers"] == 14 and q["full_precision_layers"] == ["model.embed_tokens", "lm_head"]
+    assert "base: nf4 (bitsandbytes-nf4" in lines[-1]
+    manifest = json.loads((out / "cache" / "manifest.json").read_text())
+    assert manifest["model"]["quantization"]["method"] == "bitsandbytes-nf4"
+    for method in ("prompt_distillation", "sft", "teacher_open_book"):
+        assert 0.0 <= report["methods"][method]["contains"] <= 1.0
+    assert all(r["steps"] == 2 for r in report["training"]["pd"] + report["training"]["sft"])
 
 
 def test_pipeline_gate_refuses_a_model_that_cannot_read():

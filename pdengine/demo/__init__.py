@@ -10,6 +10,8 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     """Options of `pdengine demo`."""
+    from pdengine.quantize import QUANTIZE_CHOICES
+
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of sampling and evaluation, and the first training seed")
@@ -28,6 +30,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1: the tiny model gains little from a second thread, "
                              "and on a busy machine two threads spin-wait for each other, 10x slower)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="training processes: the PD and SFT runs train this many at a time, each with "
+                             "--threads threads (default: 2, or 1 on a 1-core machine; 1: one after the other "
+                             "in this process)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                        help="the frozen base of teacher and students, quantized by bitsandbytes "
+                             "(nf4, int8; default none: fp32)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (the one-line-per-stage log stays)")
 
@@ -36,9 +45,11 @@ def run(args) -> int:
     """Run the demo; prints the table and writes OUT/report.json. Returns 0 on success."""
     from pdengine.demo.pipeline import DemoConfig, run_demo
 
-    overrides = {"seed": args.seed, "progress": not args.no_progress}
+    overrides = {"seed": args.seed, "progress": not args.no_progress, "quantize": args.quantize}
     if args.threads is not None:
         overrides["threads"] = args.threads
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.steps is not None:

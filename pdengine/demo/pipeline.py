@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from pdengine.demo import summary
 from pdengine.demo import world as W
 from pdengine.demo.stages import Stages
+from pdengine.demo.students import load_base, train_all, training_seeds  # noqa: F401 (training_seeds: API)
 from pdengine.errors import InputError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -64,6 +66,11 @@ class DemoConfig:
     # 42 s of CPU to write the questions where one took 8 s and 3.5 s (the second thread
     # spin-waits when the machine is busy; the model is too small to split its matmuls)
     threads: int = 1
+    # training processes: the PD and SFT runs are independent, so on 2 cores two
+    # one-thread processes train side by side (pdengine/demo/students.py); 1: in this process
+    workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    # the frozen base of teacher and students ("none", "nf4", "int8": pdengine/quantize.py)
+    quantize: str = "none"
     gate: float = 0.95
     gate_sample: int = 180
     progress: bool = True
@@ -78,11 +85,14 @@ class DemoConfig:
     def validate(self) -> None:
         for name in ("seeds", "n_documents", "questions_per_document", "eval_per_fact", "k", "replay_documents",
                      "reading_check_documents", "steps", "lora_r", "batch_tokens", "rag_top_n",
-                     "batch_size", "threads", "gate_sample"):
+                     "batch_size", "threads", "workers", "gate_sample"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 1 <= self.n_documents <= W.World.MAX_NEW:
             raise InputError(f"n_documents must be in 1..{W.World.MAX_NEW}, got {self.n_documents}")
+        from pdengine.quantize import parse_quantize
+
+        parse_quantize(self.quantize)  # InputError naming the choices
 
 
 def prepare_model(model_dir: Path, *, pretrain: bool, seed: int, source: Path = ASSETS, log=print) -> dict:
@@ -101,16 +111,10 @@ def prepare_model(model_dir: Path, *, pretrain: bool, seed: int, source: Path = 
     return json.loads((model_dir / "pretrain.json").read_text())
 
 
-def _load(model_dir: Path):
-    from pdengine.loading import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(model_dir, dtype=torch.float32, device="cpu")
-
-
-def _base_model(model_dir: Path, pretrain: bool, pretrain_seed: int, source: Path, log):
+def _base_model(model_dir: Path, pretrain: bool, pretrain_seed: int, source: Path, quantize: str, log):
     """(pretrain info, base model, tokenizer, the demo world): the demo's first stage."""
     info = prepare_model(model_dir, pretrain=pretrain, seed=pretrain_seed, source=source, log=log)
-    model, tokenizer = _load(model_dir)
+    model, tokenizer = load_base(model_dir, quantize)
     return info, model, tokenizer, demo_world(info)
 
 
@@ -173,42 +177,6 @@ def build_replay(model, tokenizer, world: W.World, out_dir: Path, cfg: DemoConfi
     return cache, accuracy
 
 
-def train_student(model_dir: Path, cache, replay, out_dir: Path, loss: str, cfg: DemoConfig, seed: int):
-    """A fresh copy of the base model + LoRA (attention, MLP and input embeddings), trained
-    with training seed `seed` (LoRA init, batch order, replay draws)."""
-    from pdengine.train import TrainConfig, train
-
-    model, tokenizer = _load(model_dir)
-    config = TrainConfig(
-        loss=loss, temperature=cfg.distill_temperature, lr=cfg.lr, weight_decay=0.0, warmup_ratio=0.05,
-        lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, lora_embeddings=True,
-        batch_tokens=cfg.batch_tokens, seed=seed, max_steps=cfg.steps, schedule_steps=cfg.steps,
-        epochs=10_000, save_every=0, keep_checkpoints=1, replay_fraction=cfg.replay_fraction,
-        progress=cfg.progress,
-    )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    run_summary = train(model, tokenizer, cache, out_dir, config, replay_cache=replay)
-    return model.eval(), run_summary
-
-
-def training_seeds(cfg: DemoConfig) -> list[int]:
-    return [cfg.seed + i for i in range(cfg.seeds)]
-
-
-def train_all(stages: Stages, out: Path, cache, replay, cfg: DemoConfig) -> tuple[dict, dict]:
-    """PD and SFT, once per training seed: ({name: [model per seed]}, {name: [summary per seed]}).
-    The models stay in memory: evaluation and the reading check reuse them (nothing trains twice)."""
-    models, summaries = {"prompt_distillation": [], "sft": []}, {"pd": [], "sft": []}
-    for seed in training_seeds(cfg):
-        for loss, name in (("pd", "prompt_distillation"), ("sft", "sft")):
-            model, run = stages.run(f"train_{loss}_seed{seed}", train_student, out / "model", cache, replay,
-                                    out / loss / f"seed-{seed}", loss, cfg, seed)
-            models[name].append(model)
-            summaries[loss].append(_brief(run, seed))
-    return models, summaries
-
-
 def reading_after_injection(models: dict, tokenizer, world: W.World, cfg: DemoConfig) -> dict:
     """Open-book reading about other pretraining people (not in the replay set), per model."""
     from pdengine import evaluate as E
@@ -249,8 +217,9 @@ def make_data(stages: Stages, model, tokenizer, world: W.World, out: Path, cfg: 
             "replay_teacher_accuracy": replay_teacher_acc}
 
 
-# stages before training, the two per training seed, and after
-_FIXED_STAGES = ("model", "gate", "questions", "answers", "prefill", "replay_prefill", "evaluate", "reading_check")
+# the stages, in order (train: every PD and SFT run, each also timed as train_<loss>_seed<S>)
+_STAGES = ("model", "gate", "questions", "answers", "prefill", "replay_prefill", "train", "evaluate",
+           "reading_check")
 
 
 def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, pretrain_seed: int = 1,
@@ -269,10 +238,11 @@ def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, 
     torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(log, total=len(_FIXED_STAGES) + 2 * cfg.seeds)
+    stages = Stages(log, total=len(_STAGES))
 
     pretrain_info, model, tokenizer, world = stages.run("model", _base_model, out / "model", pretrain,
-                                                        pretrain_seed, Path(model_source or ASSETS), log)
+                                                        pretrain_seed, Path(model_source or ASSETS), cfg.quantize,
+                                                        log)
     gate_accuracy = stages.run("gate", check_gate, model, tokenizer, world, cfg)
     data = make_data(stages, model, tokenizer, world, out, cfg)
     students, training = train_all(stages, out, data["cache"], data["replay"], cfg)
@@ -299,6 +269,7 @@ def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, 
         "questions": data["questions"],
         "replay_teacher_accuracy": data["replay_teacher_accuracy"],
         "gate": {"threshold": cfg.gate, "open_book_reading_accuracy": gate_accuracy},
+        "quantization": summary.quantization(model, cfg.quantize),
         "training": training,
         "pretrain": pretrain_info,
         "config": dataclasses.asdict(cfg),
@@ -308,7 +279,3 @@ def run_demo(out_dir, cfg: DemoConfig | None = None, *, pretrain: bool = False, 
     log(summary.summary_text(report))
     return report
 
-
-def _brief(run_summary: dict, seed: int) -> dict:
-    return {"seed": seed, **{k: run_summary.get(k) for k in ("steps", "first_loss", "final_loss", "seconds",
-                                                         "tokens_per_s")}}

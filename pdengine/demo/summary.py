@@ -46,6 +46,32 @@ def targets(methods: dict, comparisons: dict) -> dict:
     return out
 
 
+def quantization(model, quantize) -> dict:
+    """How the base of the teacher and the students is held: what was asked (`--quantize`),
+    the layout (`quantize.quantization_identity`), and which layers are quantized and which
+    stay in full precision (bitsandbytes leaves the embeddings and the output layer)."""
+    from torch import nn
+
+    from pdengine.quantize import is_quantized_linear, quantization_identity
+
+    quantized, full = [], []
+    for name, module in model.named_modules():
+        if is_quantized_linear(module):
+            quantized.append(name)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            full.append(name)
+    return {"quantize": quantize or "none", "identity": quantization_identity(model),
+            "quantized_layers": len(quantized), "full_precision_layers": full}
+
+
+def quantization_line(q: dict | None) -> str:
+    if not q or not q["identity"]:
+        return "base: full precision (fp32)"
+    ident = ", ".join(f"{k} {v}" for k, v in q["identity"].items() if k != "method")
+    return (f"base: {q['quantize']} ({q['identity']['method']}, {ident}), {q['quantized_layers']} linear layers "
+            f"quantized; full precision: {', '.join(q['full_precision_layers']) or 'none'}")
+
+
 def _verdict(ok) -> str:
     return "met" if ok else "MISSED"
 
@@ -73,6 +99,8 @@ def _in_stage_order(timings: dict) -> list[tuple[str, float]]:
 
     def key(item):
         name = item[0]
+        if name == "train":  # the whole training stage, before its runs
+            return rank["train"], -1, ""
         if name.startswith("train_"):
             loss, _, seed = name[len("train_"):].partition("_seed")
             return rank["train"], int(seed) if seed.isdigit() else 0, loss
@@ -98,6 +126,7 @@ def summary_text(report: dict) -> str:
         "open-book reading about other people (contains): "
         + ", ".join(f"{m} {v['contains']:.3f}" for m, v in reading.items()),
         *target_lines(report["targets"]),
+        quantization_line(report.get("quantization")),
         "wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in _in_stage_order(report["timings"])),
         "cpu time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in _in_stage_order(report["cpu_timings"])),
     ]
