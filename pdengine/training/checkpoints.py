@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,15 +25,32 @@ from pdengine.io import atomic_write_bytes
 
 FORMAT = "pdengine-train-checkpoint"
 VERSION = 1
-_NAME = re.compile(r"^step-(\d{7})\.safetensors$")
+_NAME = re.compile(r"^step-(\d{7})\.(safetensors|dcp)$")  # .dcp: an FSDP run's DCP directory
 
 
 def checkpoint_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def checkpoint_path(out: Path, step: int) -> Path:
-    return checkpoint_dir(out) / f"step-{step:07d}.safetensors"
+def checkpoint_path(out: Path, step: int, suffix: str = "safetensors") -> Path:
+    return checkpoint_dir(out) / f"step-{step:07d}.{suffix}"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """An FSDP run's checkpoint (a torch.distributed.checkpoint directory)."""
+    return Path(path).suffix == ".dcp"
+
+
+def remove_path(path: Path) -> None:
+    if Path(path).is_dir():
+        shutil.rmtree(path)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    for old in list_checkpoints(out)[:-keep]:
+        remove_path(old)
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -43,7 +61,8 @@ def list_checkpoints(out: Path) -> list[Path]:
     found = []
     for path in sorted(folder.glob("step-*")):
         if not _NAME.match(path.name):
-            raise InputError(f"{path} is not a pdengine checkpoint (checkpoints are step-NNNNNNN.safetensors; "
+            raise InputError(f"{path} is not a pdengine checkpoint (checkpoints are step-NNNNNNN.safetensors, "
+                             "or step-NNNNNNN.dcp directories with --fsdp; "
                              "pickle files are never loaded, they can run code): remove it to resume")
         found.append(path)
     return found
@@ -59,8 +78,8 @@ def remove_stale_temp_files(out: Path) -> list[Path]:
     Safe only under the directory's lock: no other writer can own them."""
     stale = [*checkpoint_dir(out).glob(".step-*.tmp"), *Path(out).glob(".*.tmp"),
              *(Path(out) / "adapter").glob(".*.tmp")]
-    for path in stale:
-        path.unlink(missing_ok=True)
+    for path in stale:  # an FSDP checkpoint's temp is a directory
+        remove_path(path)
     return stale
 
 
@@ -112,19 +131,19 @@ def _optimizer_state_dict(tensors: dict, saved: dict) -> dict:
 
 
 def save_checkpoint(out: Path, step: int, params: dict, optimizer, scheduler, position: dict,
-                    keep: int) -> Path:
-    """Write step `step`'s checkpoint atomically and keep the newest `keep`."""
+                    keep: int, world_size: int = 1) -> Path:
+    """Write step `step`'s checkpoint atomically and keep the newest `keep`.
+    world_size: the ranks that trained it (a resume with another number is checked)."""
     rng_tensors, python_rng = _rng_state()
     opt_tensors, opt_json = _optimizer_state(optimizer)
     tensors = {**{f"adapter/{n}": p.detach() for n, p in params.items()}, **opt_tensors, **rng_tensors}
     meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(), "optimizer": opt_json,
-            "python_rng": python_rng}
+            "python_rng": python_rng, "world_size": world_size}
     data = save_safetensors({k: v.cpu().contiguous() for k, v in tensors.items()},
                             metadata={"format": FORMAT, "version": str(VERSION), "state": json.dumps(meta)})
     path = checkpoint_path(out, step)
     atomic_write_bytes(path, data)
-    for old in list_checkpoints(out)[:-keep]:
-        old.unlink()
+    prune_checkpoints(out, keep)
     return path
 
 
@@ -156,7 +175,12 @@ def _metadata(data: bytes) -> dict:
 def load_checkpoint(path: Path, params: dict, optimizer, scheduler) -> dict:
     """Restore adapter, optimizer, scheduler and RNG states; returns the JSON state
     (step, position)."""
-    tensors, state = read_checkpoint(path)
+    return apply_checkpoint(path, *read_checkpoint(path), params, optimizer, scheduler)
+
+
+def apply_checkpoint(path: Path, tensors: dict, state: dict, params: dict, optimizer, scheduler) -> dict:
+    """`load_checkpoint` of what `read_checkpoint(path)` returned (read once, e.g. by rank 0
+    and broadcast to the others)."""
     adapter = {n[len("adapter/"):]: t for n, t in tensors.items() if n.startswith("adapter/")}
     missing = sorted(set(params) - set(adapter))
     if missing:

@@ -82,6 +82,12 @@ class TrainConfig:
                               "at the end)", check=NON_NEGATIVE)
     init_adapter: str | None = setting(None, "start from this PEFT adapter directory instead of new LoRA "
                                        "(its rank, alpha and targets replace the lora_* settings)")
+    # Under torchrun (docs/DESIGN.md, "Distributed"): DDP by default (LoRA gradients summed
+    # over ranks); fsdp shards the frozen base per decoder layer for bases too big for one device.
+    fsdp: bool = setting(False, "under torchrun: shard the model per decoder layer with FSDP2 (fully_shard) "
+                         "instead of replicating it (DDP); for bases that do not fit one device")
+    fsdp_bf16: bool = setting(False, "with --fsdp: compute in bfloat16 (MixedPrecisionPolicy param_dtype bf16, "
+                              "gradients reduced in fp32)")
     tensorboard: bool = setting(True, "also log to OUT/tensorboard when the tensorboard package is installed")
     progress: bool = setting(True, "show a progress bar")
 
@@ -92,6 +98,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise InputError naming the first setting out of range."""
         check_settings(self)
+        if self.fsdp_bf16 and not self.fsdp:
+            from pdengine.errors import InputError
+
+            raise InputError("fsdp_bf16 is FSDP's mixed precision: it needs fsdp (--fsdp)")
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -14,18 +14,19 @@ every `eval_every` steps (0: every epoch's worth of steps) and at a run's last s
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 
-from pdengine import modeling
+from pdengine import distributed, modeling
 from pdengine.errors import InputError
 from pdengine.loading import attention_implementation_of
 from pdengine.locking import DirectoryLock
-from pdengine.training import checkpoints, prompt_record, run_dir, tensorboard_log
+from pdengine.training import checkpoints, fsdp, parallel, prompt_record, run_dir, tensorboard_log
 from pdengine.training.batching import mix_seed, pack_teacher
 from pdengine.training.config import TrainConfig
 from pdengine.training.losses import compute_loss, to_device
@@ -60,11 +61,16 @@ class Trainer:
     """State of one run: model, optimizer, schedule, data streams and the step counter."""
 
     def __init__(self, model, cache: DataSource, out: Path, config: TrainConfig, replay: DataSource | None,
-                 val: DataSource | None = None):
+                 val: DataSource | None = None, ctx: distributed.Context | None = None):
         self.model, self.cache, self.out, self.config, self.val = model, cache, out, config, val
+        self.ctx = ctx or distributed.Context()
         self.device = modeling.output_layer(model).weight.device
         self.autocast = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.params = prepare_model(model, config)
+        self.sharded = config.fsdp  # train() checks that it runs under torchrun
+        if self.sharded:
+            fsdp.shard_model(model, self.ctx, config.fsdp_bf16)
+            self.params = fsdp.trainable(model)
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
         n_batches = cache.num_batches(config.batch_tokens, seed=config.seed, epoch=0, shuffle=True)
         if n_batches == 0:
@@ -91,16 +97,50 @@ class Trainer:
         return pos
 
     def restore(self, path: Path) -> None:
-        state = checkpoints.load_checkpoint(path, self.params, self.optimizer, self.scheduler)
+        if checkpoints.is_sharded_checkpoint(path) != self.sharded:
+            kind = "an FSDP (--fsdp)" if self.sharded else "a one-process or DDP"
+            raise InputError(f"{path} does not fit {kind} run: remove it (or {self.out}) to start afresh")
+        if self.sharded:
+            state = fsdp.load(path, self.model, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            version, internal, gauss = state["python_rng"]
+            random.setstate((version, tuple(internal), gauss))
+        else:  # rank 0 reads the file, every rank applies it: only rank 0 needs to see OUT
+            loaded = parallel.on_every_rank(
+                self.ctx, lambda: checkpoints.read_checkpoint(path) if self.ctx.is_main else None)
+            tensors, state = self.ctx.broadcast(loaded)
+            checkpoints.apply_checkpoint(path, tensors, state, self.params, self.optimizer, self.scheduler)
+        self._check_world_size(path, int(state.get("world_size", 1)))
         self.step = int(state["step"])
         self.main = self.main.at(state["position"]["main"])
         if self.replay is not None and "replay" in state["position"]:
             self.replay = self.replay.at(state["position"]["replay"])
         self.committed = self._position()
 
+    def _check_world_size(self, path: Path, saved: int) -> None:
+        """Another number of ranks splits the batches differently: the same result (up to float
+        order) without LoRA dropout; with it the masks fall on other tokens, so it is refused."""
+        if saved != self.ctx.world_size and self.config.lora_dropout > 0:
+            raise InputError(f"{path} was trained by {saved} rank(s), this job has {self.ctx.world_size}: with "
+                             f"lora_dropout {self.config.lora_dropout} the dropout masks depend on the split, so "
+                             f"resume with {saved} rank(s) (without dropout any number works)")
+
     def checkpoint(self) -> Path:
-        return checkpoints.save_checkpoint(self.out, self.step, self.params, self.optimizer, self.scheduler,
-                                           self.committed, self.config.keep_checkpoints)
+        """Save the step's checkpoint: rank 0 alone (DDP: the state is replicated) or, with
+        FSDP, every rank its shards (collective)."""
+        if self.sharded:
+            meta = {"step": self.step, "position": self.committed, "scheduler": self.scheduler.state_dict(),
+                    "world_size": self.ctx.world_size, "python_rng": random.getstate()}
+            final = checkpoints.checkpoint_path(self.out, self.step, "dcp")
+            path = fsdp.save(self.ctx, final.parent / f".{final.name}.tmp", final, self.model, self.optimizer, meta)
+            if self.ctx.is_main:
+                checkpoints.prune_checkpoints(self.out, self.config.keep_checkpoints)
+            return path
+        path = checkpoints.checkpoint_path(self.out, self.step)
+        if self.ctx.is_main:
+            checkpoints.save_checkpoint(self.out, self.step, self.params, self.optimizer, self.scheduler,
+                                        self.committed, self.config.keep_checkpoints, self.ctx.world_size)
+        return path
 
     def epochs_run(self) -> int:
         """Epochs this run has trained in, fully or partly (3 epochs run: 3)."""
@@ -116,13 +156,23 @@ class Trainer:
         with ctx:
             return compute_loss(self.model, batch, self.config, validate=validate)
 
+    def _share_loss(self, batch, source: DataSource) -> torch.Tensor:
+        """This rank's part of the batch's mean loss: its sequences' mean times their share
+        of the answer tokens, so the ranks' parts sum to the one-process mean
+        (`pdengine.training.parallel`). One process: the batch's mean loss."""
+        if not self.ctx.distributed:
+            return self._loss(batch, source)
+        local, n_local, n_total = parallel.split_batch(batch, self.ctx.rank, self.ctx.world_size)
+        return self._loss(local, source) * (n_local / n_total)
+
     def micro_step(self, batch) -> torch.Tensor:
-        """Forward + backward of one micro-batch (plus its replay share); the detached loss."""
+        """Forward + backward of one micro-batch (plus its replay share); the detached loss
+        (this rank's part under torchrun; `optimizer_step` sums the parts)."""
         f = self.config.replay_fraction
-        loss = self._loss(batch, self.cache)
+        loss = self._share_loss(batch, self.cache)
         if self.replay is not None:
             replay = self.replay.next()
-            loss = (1 - f) * loss + f * self._loss(replay, self.replay.source)
+            loss = (1 - f) * loss + f * self._share_loss(replay, self.replay.source)
             self.tokens += replay["input_ids"].numel()
         (loss / self.config.grad_accum).backward()
         self.tokens += batch["input_ids"].numel()
@@ -137,7 +187,14 @@ class Trainer:
 
     def optimizer_step(self, loss_sum: torch.Tensor, n_micro: int) -> dict:
         clip = self.config.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)
+        params = list(self.params.values())
+        parallel.sync_gradients(self.ctx, params)  # DDP: every LoRA gradient; FSDP: the replicated ones
+        if self.sharded:
+            grad_norm = parallel.clip_sharded_grad_norm(self.ctx, params, clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.ctx.distributed:
+            loss_sum = self.ctx.all_reduce_sum(loss_sum.detach().float().clone())
         # One host sync per optimizer step: the loss must be checked before the update.
         loss, norm = torch.stack([loss_sum.float() / n_micro, grad_norm.float()]).tolist()
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -161,11 +218,13 @@ class Trainer:
         try:
             with torch.no_grad():
                 for batch in self.val.batches(self.config.batch_tokens, shuffle=False):
-                    n = batch["labels"].numel()
-                    total += float(self._loss(batch, self.val)) * n
+                    local, n, _ = parallel.split_batch(batch, self.ctx.rank, self.ctx.world_size)
+                    total += float(self._loss(local, self.val)) * n
                     tokens += n
         finally:
             self.model.train(was_training)
+        if self.ctx.distributed:  # the ranks' sums over their sequences
+            total, tokens = self.ctx.all_reduce_sum(torch.tensor([total, tokens], dtype=torch.float64)).tolist()
         return total / max(tokens, 1)
 
     def validation_due(self) -> bool:
@@ -204,7 +263,8 @@ class Trainer:
                 row["val_loss"] = self.validation_loss()
             rows.append(row)
             tensorboard_log.log_row(writer, row)
-            run_dir.append_metrics(self.out, row)
+            if self.ctx.is_main:
+                run_dir.append_metrics(self.out, row)
             progress.update(1)
             progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if cfg.save_every and self.step % cfg.save_every == 0:
@@ -245,20 +305,41 @@ def train(model, tokenizer, cache, out_dir, config: TrainConfig | None = None, *
     val_fraction), tokens, seconds, tokens_per_s,
     adapter, checkpoint). Raises InputError on bad input, TrainingError on a non-finite loss.
     """
-    out = Path(out_dir)
-    with DirectoryLock(out, purpose="pdengine train"):
-        config, run = _resolve_config(out, config, resume)
-        cache, replay = _sources(model, tokenizer, cache, replay_cache, config)
-        identities = (cache.identity(), replay.identity() if replay is not None else None)
-        if run is not None:
-            run_dir.check_resume(out, run, config, *identities)
-        elif resume and checkpoints.latest_checkpoint(out) is not None:
-            raise InputError(f"{out} holds checkpoints but no run.json: it is not known what run they "
-                             f"belong to; remove {out} to start afresh")
-        else:
-            run_dir.check_fresh(out)
-        checkpoints.remove_stale_temp_files(out)
-        return _train_locked(model, cache, replay, out, config, resume, identities)
+    out, ctx = Path(out_dir), distributed.context()
+    with ExitStack() as stack:  # rank 0 holds OUT's lock for the whole run (under torchrun: for the job)
+        config, run = parallel.on_every_rank(ctx, lambda: _open_run(stack, ctx, out, config, resume))
+        config = ctx.broadcast(config)  # run.json is read by rank 0 only: other nodes need not see OUT
+        cache, replay, identities = parallel.on_every_rank(
+            ctx, lambda: _check_run(ctx, model, tokenizer, cache, replay_cache, out, config, run, resume))
+        return _train_locked(model, cache, replay, out, config, resume, identities, ctx)
+
+
+def _open_run(stack: ExitStack, ctx, out: Path, config, resume: bool):
+    """Rank 0: take OUT's lock, read the run's settings. Other ranks: (None, None)."""
+    if not ctx.is_main:
+        return None, None
+    stack.enter_context(DirectoryLock(out, purpose="pdengine train"))
+    return _resolve_config(out, config, resume)
+
+
+def _check_run(ctx, model, tokenizer, cache, replay_cache, out: Path, config: TrainConfig, run, resume: bool):
+    """Every rank checks its data against its model; rank 0 checks OUT (a resume keeps the run)."""
+    if config.fsdp and not ctx.distributed:
+        raise InputError("fsdp shards the model across the processes of a torchrun job: launch with "
+                         "torchrun --nproc_per_node N (N > 1), or train without --fsdp")
+    cache, replay = _sources(model, tokenizer, cache, replay_cache, config)
+    identities = (cache.identity(), replay.identity() if replay is not None else None)
+    if not ctx.is_main:
+        return cache, replay, identities
+    if run is not None:
+        run_dir.check_resume(out, run, config, *identities)
+    elif resume and checkpoints.latest_checkpoint(out) is not None:
+        raise InputError(f"{out} holds checkpoints but no run.json: it is not known what run they "
+                         f"belong to; remove {out} to start afresh")
+    else:
+        run_dir.check_fresh(out)
+    checkpoints.remove_stale_temp_files(out)
+    return cache, replay, identities
 
 
 def _sources(model, tokenizer, cache, replay_cache, config: TrainConfig):
@@ -275,31 +356,35 @@ def _sources(model, tokenizer, cache, replay_cache, config: TrainConfig):
     return cache, replay
 
 
-def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: bool, identities) -> dict:
+def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: bool, identities, ctx) -> dict:
     was_training = model.training
     model.train()
     trained, val = split_validation(cache, config.val_fraction)
-    trainer = Trainer(model, trained, out, config, replay, val)
-    latest = checkpoints.latest_checkpoint(out) if resume else None
+    trainer = parallel.on_every_rank(ctx, lambda: Trainer(model, trained, out, config, replay, val, ctx))
+    latest = ctx.broadcast(checkpoints.latest_checkpoint(out) if resume and ctx.is_main else None)
     if latest is not None:
         trainer.restore(latest)
-    if resume:
+    main = ctx.is_main  # only rank 0 writes OUT and shows progress
+    if resume and main:
         run_dir.repair_metrics(out, trainer.step)
     name = str(getattr(model.config, "_name_or_path", "") or "")
     prompt = prompt_record.prompt_of(cache)
     attn = attention_implementation_of(model)
-    trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name, prompt, attn)
+    if main:
+        trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name, prompt, attn)
     started = time.perf_counter()
-    progress = _progress_bar(trainer.total_steps, trainer.step, config.progress)
-    writer = tensorboard_log.open_writer(out, config.tensorboard)
+    progress = _progress_bar(trainer.total_steps, trainer.step, config.progress and main)
+    writer = tensorboard_log.open_writer(out, config.tensorboard) if main else None
     try:
         rows = trainer.run(progress, writer)
     except KeyboardInterrupt:
         progress.close()
-        if trainer.step > 0:  # before the first step there is no run to continue
+        # FSDP's checkpoint is collective: an interrupted job resumes from its last saved one.
+        if trainer.step > 0 and not trainer.sharded:  # before the first step there is no run to continue
             path = trainer.checkpoint()
-            print(f"\ninterrupted: checkpoint of step {trainer.step} saved to {path}; continue with --resume",
-                  file=sys.stderr)
+            if main:
+                print(f"\ninterrupted: checkpoint of step {trainer.step} saved to {path}; continue with --resume",
+                      file=sys.stderr)
         raise
     finally:
         progress.close()
@@ -313,7 +398,11 @@ def _finish(model, trainer: Trainer, rows: list, out: Path, seconds: float) -> d
     from pdengine.lora import save_adapter
 
     checkpoint = trainer.checkpoint()
-    save_adapter(model, out / "adapter")
+    if trainer.sharded:
+        fsdp.save_adapter(trainer.ctx, model, out / "adapter")
+    elif trainer.ctx.is_main:
+        save_adapter(model, out / "adapter")
+    trainer.ctx.barrier()  # every rank returns once the adapter is written
     return {
         "steps": trainer.step,
         "epochs": trainer.epochs_run(),
