@@ -17,9 +17,10 @@ load, so a resume may use another number of ranks. The final adapter is gathered
 tensors and rank 0 writes the same PEFT files a one-process run writes.
 
 A quantized base (bitsandbytes NF4/int8, `--quantize`) is refused: its packed
-`Params4bit` / `Int8Params` weights carry quantization state outside the tensor
-(absmax, quant map) that FSDP2's flat sharding cannot split or all-gather; DDP
-(without --fsdp) trains on an NF4 base.
+`Params4bit` / `Int8Params` weights carry their quantization state (absmax, quant map) as
+attributes outside the tensor; fully_shard replaces them by plain DTensor parameters, and
+the first forward fails ("'Parameter' object has no attribute 'quant_state'", checked with
+torch 2.13 and bitsandbytes on CPU). DDP (without --fsdp) trains on an NF4 base.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def refuse_quantized(model) -> None:
     kinds = sorted({type(p).__name__ for p in model.parameters() if type(p).__name__ in _QUANTIZED_PARAMS})
     if kinds:
         raise InputError(f"--fsdp cannot shard a quantized base ({', '.join(kinds)} weights keep their "
-                         "quantization state outside the tensor, which FSDP2 cannot split); train the "
-                         "NF4 base without --fsdp (DDP: the base is replicated, only LoRA gradients are summed)")
+                         "quantization state outside the tensor; FSDP2 shards them as plain tensors and "
+                         "loses it); train the quantized base without --fsdp (DDP: the base is replicated, only LoRA gradients are summed)")
 
 
 def decoder_layers(model) -> list:
