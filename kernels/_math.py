@@ -27,6 +27,22 @@ def dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def dot_nt(acc, a_ptr, a_idx, a_mask, stride_a, b_ptr, b_idx, b_mask, stride_b, K,
+           IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + A[a_idx, :K] @ B[b_idx, :K]^T, K in BLOCK_K chunks: rows gathered from two
+    row-major matrices with unit stride along K (int64 row indices; masked rows read 0)."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(a_ptr + a_idx[:, None] * stride_a + ks[None, :],
+                    mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + b_idx[:, None] * stride_b + ks[None, :],
+                    mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = dot(a, tl.trans(b), acc, IEEE)
+    return acc
+
+
+@triton.jit
 def logit_tile(
     h_ptr, w_ptr, ha_ptr, b_ptr,
     rows, cols, row_mask, col_mask,
@@ -43,21 +59,9 @@ def logit_tile(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = dot(h, tl.trans(w), acc, IEEE)
+    acc = dot_nt(acc, h_ptr, rows64, row_mask, stride_h, w_ptr, cols64, col_mask, stride_w, D,
+                 IEEE, BLOCK_D)
     if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rs < R
-            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
-                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
-                        mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-            acc = dot(ha, tl.trans(b), acc, IEEE)
+        acc = dot_nt(acc, ha_ptr, rows64, row_mask, stride_ha, b_ptr, cols64, col_mask, stride_b, R,
+                     IEEE, BLOCK_R)
     return acc

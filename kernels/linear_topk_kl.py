@@ -71,30 +71,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # backward's atomic traffic is N d V (1/BLOCK_V for dh + 1/BLOCK_N for dW).
 # Not yet timed on a GPU: bench/gpu_suite.py measures them.
 if _INTERPRET:
-    _CONFIGS = {
-        "fwd": dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1),
-        "bwd": dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1),
-    }
-    _CONFIGS.update(sweep=_CONFIGS["fwd"], sweep_keep=_CONFIGS["fwd"], bwd_no_wgrad=_CONFIGS["bwd"])
-    _CONFIGS_FP32 = _CONFIGS
+    _INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=1)
+    _CONFIGS = _CONFIGS_FP32 = dict.fromkeys(("fwd", "sweep", "sweep_keep", "bwd", "bwd_no_wgrad"),
+                                             _INTERPRETER_CONFIG)
     _SPARSE = dict(BLOCK_D=128, num_warps=4)
 else:
-    _CONFIGS = {
-        "fwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2),
-        "sweep": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2),
+    # kind: ((BLOCK_N, BLOCK_V, BLOCK_D) for 16-bit inputs, the same for fp32)
+    _GPU_TILES = {
+        "fwd": ((64, 128, 64), (64, 64, 32)),
+        "sweep": ((64, 128, 32), (32, 64, 16)),
         # keeping the tiles too (trainable head / LoRA) spilled 264 B at 128-wide tiles and
         # 32 B at BLOCK_D 32
-        "sweep_keep": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
-        "bwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2),
-        "bwd_no_wgrad": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2),
+        "sweep_keep": ((64, 64, 16), (32, 64, 16)),
+        "bwd": ((64, 64, 32), (32, 64, 16)),
+        "bwd_no_wgrad": ((64, 128, 32), (32, 64, 16)),
     }
-    _CONFIGS_FP32 = {
-        "fwd": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=2),
-        "sweep": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
-        "sweep_keep": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
-        "bwd": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
-        "bwd_no_wgrad": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
-    }
+
+    def _gpu_config(tiles):
+        return dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_D"), tiles), num_warps=8, num_stages=2)
+
+    _CONFIGS = {kind: _gpu_config(half) for kind, (half, _) in _GPU_TILES.items()}
+    _CONFIGS_FP32 = {kind: _gpu_config(fp32) for kind, (_, fp32) in _GPU_TILES.items()}
     # per-token kernels: [BLOCK_K, BLOCK_D] gathered rows of W (twice: ids and label);
     # BLOCK_D 128 spilled 2-4 KB per thread, 32 none
     _SPARSE = dict(BLOCK_D=32, num_warps=4)
@@ -121,21 +118,22 @@ def _sparse_logits(
     ids64 = ids.to(tl.int64)
     row64 = row.to(tl.int64)
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        h = tl.load(h_ptr + row64 * stride_h + ds, mask=d_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + ids64[:, None] * stride_w + ds[None, :],
-                    mask=id_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * h[None, :], axis=1)
+    acc = _gathered_dots(acc, h_ptr + row64 * stride_h, w_ptr, ids64, id_mask, stride_w, D, BLOCK_D)
     if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rs < R
-            ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + ids64[:, None] * stride_b + rs[None, :],
-                        mask=id_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(b * ha[None, :], axis=1)
+        acc = _gathered_dots(acc, ha_ptr + row64 * stride_ha, b_ptr, ids64, id_mask, stride_b, R, BLOCK_R)
+    return acc
+
+
+@triton.jit
+def _gathered_dots(acc, vec_ptr, mat_ptr, ids64, id_mask, stride_mat, K, BLOCK_K: tl.constexpr):
+    """acc_j + <vec, M[ids_j, :K]> for one row vector and gathered rows of M, K chunked; fp32."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        vec = tl.load(vec_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        mat = tl.load(mat_ptr + ids64[:, None] * stride_mat + ks[None, :],
+                      mask=id_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(mat * vec[None, :], axis=1)
     return acc
 
 
@@ -145,6 +143,17 @@ def _capped_scaled(u, softcap, inv_tau, SOFTCAP: tl.constexpr):
     if SOFTCAP:
         u = softcap * _tanh(u / softcap)
     return u * inv_tau
+
+
+@triton.jit
+def _online_lse_step(u, col_mask, m, s, softcap, inv_tau, SOFTCAP: tl.constexpr):
+    """One vocabulary tile of the online (max m, sum s) of exp(z): returns (m_new, s_new,
+    alpha = exp(m - m_new), p = exp(z - m_new)); columns past V count as z = -inf."""
+    z = tl.where(col_mask[None, :], _capped_scaled(u, softcap, inv_tau, SOFTCAP), float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+    p = tl.exp(z - m_new[:, None])
+    return m_new, s * alpha + tl.sum(p, axis=1), alpha, p
 
 
 # --------------------------------------------------------------------------- forward
@@ -171,11 +180,7 @@ def _lse_kernel(
         u = logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
                        D, R, stride_h, stride_w, stride_ha, stride_b,
                        HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
-        z = _capped_scaled(u, softcap, inv_tau, SOFTCAP)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
+        m, s, _alpha, _p = _online_lse_step(u, col_mask, m, s, softcap, inv_tau, SOFTCAP)
     tl.store(max_ptr + split * N + rows, m, mask=row_mask)
     tl.store(sum_ptr + split * N + rows, s, mask=row_mask)
 
@@ -214,6 +219,47 @@ def _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL: tl.constexpr)
 
 
 @triton.jit
+def _token_kl(
+    h_ptr, w_ptr, ha_ptr, b_ptr, ids_ptr, lp_ptr, lse_ptr, row, D, R, K,
+    stride_h, stride_w, stride_ha, stride_b, stride_ids, stride_lp, inv_tau, softcap,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One token's teacher slots: (ks, k_mask, ids, u at the ids, lse, kl, c, corr), the
+    last three from `_teacher_terms`; shared by the per-token forward and backward."""
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    ids = tl.load(ids_ptr + row.to(tl.int64) * stride_ids + ks, mask=k_mask, other=0)
+    u = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, ids, k_mask,
+                       D, R, stride_h, stride_w, stride_ha, stride_b,
+                       HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
+    lse = tl.load(lse_ptr + row)
+    logq = _capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse
+    kl, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
+    return ks, k_mask, ids, u, lse, kl, c, corr
+
+
+@triton.jit
+def _label_logit(
+    h_ptr, w_ptr, ha_ptr, b_ptr, row, ks, label, counted, D, R,
+    stride_h, stride_w, stride_ha, stride_b, inv_tau, softcap,
+    HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The CE label as one more sparse entry: slot 0 of a second BLOCK_K-wide vector,
+    masked elsewhere and for a token not counted, so every tile stays a power of two.
+    Returns (y_ids int64, y_mask, u at the label, z_y = its capped, scaled logit or 0)."""
+    # an int test keeps the mask a plain tensor compare, which the interpreter needs
+    y_mask = (ks + tl.where(counted, 0, 1)) == 0
+    y_ids = tl.where(y_mask, label, 0).to(tl.int64)
+    u_y = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, y_ids, y_mask,
+                         D, R, stride_h, stride_w, stride_ha, stride_b,
+                         HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
+    z_y = tl.sum(tl.where(y_mask, _capped_scaled(u_y, softcap, inv_tau, SOFTCAP), 0.0), axis=0)
+    return y_ids, y_mask, u_y, z_y
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     h_ptr, w_ptr, ha_ptr, b_ptr, ids_ptr, lp_ptr, labels_ptr, lse_ptr, loss_ptr,
     D, R, K, stride_h, stride_w, stride_ha, stride_b, stride_ids, stride_lp,
@@ -223,24 +269,18 @@ def _sparse_fwd_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     row = tl.program_id(0)
-    ks = tl.arange(0, BLOCK_K)
-    k_mask = ks < K
-    ids = tl.load(ids_ptr + row.to(tl.int64) * stride_ids + ks, mask=k_mask, other=0)
-    u = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, ids, k_mask,
-                       D, R, stride_h, stride_w, stride_ha, stride_b,
-                       HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
-    lse = tl.load(lse_ptr + row)
-    logq = _capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse
-    loss, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
+    ks, k_mask, ids, u, lse, loss, c, corr = _token_kl(
+        h_ptr, w_ptr, ha_ptr, b_ptr, ids_ptr, lp_ptr, lse_ptr, row, D, R, K,
+        stride_h, stride_w, stride_ha, stride_b, stride_ids, stride_lp, inv_tau, softcap,
+        HAS_LORA, SOFTCAP, TAIL, BLOCK_K, BLOCK_D, BLOCK_R)
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         counted = label != ignore_index
         if HAS_CE:
-            lab_ids = tl.where(ks == 0, tl.where(counted, label, 0), 0)
-            u_y = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, lab_ids, ks == 0,
-                                 D, R, stride_h, stride_w, stride_ha, stride_b,
-                                 HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
-            z_y = tl.sum(tl.where(ks == 0, _capped_scaled(u_y, softcap, inv_tau, SOFTCAP), 0.0), axis=0)
+            y_ids, y_mask, u_y, z_y = _label_logit(
+                h_ptr, w_ptr, ha_ptr, b_ptr, row, ks, label, counted, D, R,
+                stride_h, stride_w, stride_ha, stride_b, inv_tau, softcap,
+                HAS_LORA, SOFTCAP, BLOCK_K, BLOCK_D, BLOCK_R)
             loss += ce_weight * (lse - z_y)
         loss = tl.where(counted, loss, 0.0)
     tl.store(loss_ptr + row, loss)
@@ -274,20 +314,13 @@ def _sparse_bwd_kernel(
     (sum_v exp(z_v - m) softcap'(u_v) W_v), which become coef / s times themselves."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    k_mask = ks < K
-    ids = tl.load(ids_ptr + row64 * stride_ids + ks, mask=k_mask, other=0)
-    u = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, ids, k_mask,
-                       D, R, stride_h, stride_w, stride_ha, stride_b,
-                       HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
-    lse = tl.load(lse_ptr + row)
-    logq = _capped_scaled(u, softcap, inv_tau, SOFTCAP) - lse
-    loss, c, corr = _teacher_terms(lp_ptr, row, ks, k_mask, stride_lp, logq, TAIL)
+    ks, k_mask, ids, u, lse, loss, c, corr = _token_kl(
+        h_ptr, w_ptr, ha_ptr, b_ptr, ids_ptr, lp_ptr, lse_ptr, row, D, R, K,
+        stride_h, stride_w, stride_ha, stride_b, stride_ids, stride_lp, inv_tau, softcap,
+        HAS_LORA, SOFTCAP, TAIL, BLOCK_K, BLOCK_D, BLOCK_R)
     g = tl.load(grad_ptr + row).to(tl.float32) * inv_tau  # dL/du = dL/dz / tau
-    # The CE label is one more sparse entry: slot 0 of a second BLOCK_K-wide vector
-    # (masked elsewhere), so every tile stays a power of two.
-    y_val = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    y_ids = tl.zeros((BLOCK_K,), dtype=ids.dtype)
+    y_val = tl.zeros((BLOCK_K,), dtype=tl.float32)  # no label: an all-masked label slot
+    y_ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
     y_mask = ks < 0
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
@@ -295,15 +328,11 @@ def _sparse_bwd_kernel(
         g = tl.where(counted, g, 0.0)
         if HAS_CE:
             c += ce_weight
-            # slot 0 holds the label, only for counted tokens (an int test keeps the
-            # mask a plain tensor compare, which the interpreter needs)
-            y_mask = (ks + tl.where(counted, 0, 1)) == 0
-            y_ids = tl.where(y_mask, label, 0).to(ids.dtype)
-            u_y = _sparse_logits(h_ptr, w_ptr, ha_ptr, b_ptr, row, y_ids, y_mask,
-                                 D, R, stride_h, stride_w, stride_ha, stride_b,
-                                 HAS_LORA, BLOCK_K, BLOCK_D, BLOCK_R)
+            y_ids, y_mask, u_y, z_y = _label_logit(
+                h_ptr, w_ptr, ha_ptr, b_ptr, row, ks, label, counted, D, R,
+                stride_h, stride_w, stride_ha, stride_b, inv_tau, softcap,
+                HAS_LORA, SOFTCAP, BLOCK_K, BLOCK_D, BLOCK_R)
             y_val = tl.where(y_mask, -ce_weight * g * _softcap_grad(u_y, softcap, SOFTCAP), 0.0)
-            z_y = tl.sum(tl.where(y_mask, _capped_scaled(u_y, softcap, inv_tau, SOFTCAP), 0.0), axis=0)
             loss += ce_weight * (lse - z_y)
         loss = tl.where(counted, loss, 0.0)
     if SINGLE_PASS:
@@ -313,87 +342,76 @@ def _sparse_bwd_kernel(
         dense_scale = 0.0
     tl.store(coef_ptr + row, g * c)
     k_val = tl.where(k_mask, g * corr * _softcap_grad(u, softcap, SOFTCAP), 0.0)
-    _scatter_sparse(h_ptr, w_ptr, ha_ptr, b_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr, row64,
-                    ids.to(tl.int64), k_val, k_mask, y_ids.to(tl.int64), y_val, y_mask, dense_scale,
-                    D, R, stride_h, stride_w, stride_ha, stride_b,
-                    HAS_LORA, WEIGHT_GRAD, SINGLE_PASS, BLOCK_K, BLOCK_D, BLOCK_R)
+    ids64 = ids.to(tl.int64)
+    _scatter_part(w_ptr, stride_w, h_ptr + row64 * stride_h, dh_ptr + row64 * D, dw_ptr, ids64, k_val, k_mask,
+                  y_ids, y_val, y_mask, dense_scale, D, WEIGHT_GRAD, SINGLE_PASS, BLOCK_D)
+    if HAS_LORA:
+        _scatter_part(b_ptr, stride_b, ha_ptr + row64 * stride_ha, gb_ptr + row64 * R, db_ptr, ids64, k_val, k_mask,
+                      y_ids, y_val, y_mask, dense_scale, R, True, SINGLE_PASS, BLOCK_R)
 
 
 @triton.jit
-def _scatter_sparse(
-    h_ptr, w_ptr, ha_ptr, b_ptr, dh_ptr, gb_ptr, dw_ptr, db_ptr, row64,
-    ids, k_val, k_mask, y_ids, y_val, y_mask, dense_scale,
-    D, R, stride_h, stride_w, stride_ha, stride_b,
-    HAS_LORA: tl.constexpr, WEIGHT_GRAD: tl.constexpr, DENSE_IN: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Sparse part of G (values at the ids and the label) into dh, (G B), dW, dB.
-
-    dh [N, d] and (G B) [N, r] rows belong to this program (plain stores; DENSE_IN: they
-    hold the dense part already, scaled here by dense_scale; otherwise the dense kernel adds
-    it later); dW and dB rows are shared between tokens (atomics).
-    """
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        wk = tl.load(w_ptr + ids[:, None] * stride_w + ds[None, :],
-                     mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        wy = tl.load(w_ptr + y_ids[:, None] * stride_w + ds[None, :],
-                     mask=y_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        dh = tl.sum(k_val[:, None] * wk, axis=0) + tl.sum(y_val[:, None] * wy, axis=0)
+def _scatter_part(src_ptr, stride_src, act_ptr, out_ptr, grad_ptr, ids, k_val, k_mask, y_ids, y_val, y_mask,
+                  dense_scale, K, GRAD: tl.constexpr, DENSE_IN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One part (the d columns, or the LoRA rank's r) of the sparse part of G at the ids
+    and the label, K chunked: the token's row out (dh or (G B), at out_ptr) = sum_j val_j
+    src[id_j] (plus dense_scale * out when DENSE_IN: it holds the sweep's dense part; else
+    the dense kernel adds it later), a plain store (the row is this program's); GRAD: grad
+    (dW or dB) [id_j] += val_j * the token's act row (h or hA), atomics (rows shared)."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = ks < K
+        sk = tl.load(src_ptr + ids[:, None] * stride_src + ks[None, :],
+                     mask=k_mask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+        sy = tl.load(src_ptr + y_ids[:, None] * stride_src + ks[None, :],
+                     mask=y_mask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+        out = tl.sum(k_val[:, None] * sk, axis=0) + tl.sum(y_val[:, None] * sy, axis=0)
         if DENSE_IN:
-            dh += dense_scale * tl.load(dh_ptr + row64 * D + ds, mask=d_mask, other=0.0)
-        tl.store(dh_ptr + row64 * D + ds, dh, mask=d_mask)
-        if WEIGHT_GRAD:
-            h = tl.load(h_ptr + row64 * stride_h + ds, mask=d_mask, other=0.0).to(tl.float32)
-            tl.atomic_add(dw_ptr + ids[:, None] * D + ds[None, :], k_val[:, None] * h[None, :],
-                          mask=k_mask[:, None] & d_mask[None, :])
-            tl.atomic_add(dw_ptr + y_ids[:, None] * D + ds[None, :], y_val[:, None] * h[None, :],
-                          mask=y_mask[:, None] & d_mask[None, :])
-    if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rs < R
-            bk = tl.load(b_ptr + ids[:, None] * stride_b + rs[None, :],
-                         mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-            by = tl.load(b_ptr + y_ids[:, None] * stride_b + rs[None, :],
-                         mask=y_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-            gb = tl.sum(k_val[:, None] * bk, axis=0) + tl.sum(y_val[:, None] * by, axis=0)
-            if DENSE_IN:
-                gb += dense_scale * tl.load(gb_ptr + row64 * R + rs, mask=r_mask, other=0.0)
-            tl.store(gb_ptr + row64 * R + rs, gb, mask=r_mask)
-            ha = tl.load(ha_ptr + row64 * stride_ha + rs, mask=r_mask, other=0.0).to(tl.float32)
-            tl.atomic_add(db_ptr + ids[:, None] * R + rs[None, :], k_val[:, None] * ha[None, :],
-                          mask=k_mask[:, None] & r_mask[None, :])
-            tl.atomic_add(db_ptr + y_ids[:, None] * R + rs[None, :], y_val[:, None] * ha[None, :],
-                          mask=y_mask[:, None] & r_mask[None, :])
+            out += dense_scale * tl.load(out_ptr + ks, mask=mask, other=0.0)
+        tl.store(out_ptr + ks, out, mask=mask)
+        if GRAD:
+            act = tl.load(act_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+            tl.atomic_add(grad_ptr + ids[:, None] * K + ks[None, :], k_val[:, None] * act[None, :],
+                          mask=k_mask[:, None] & mask[None, :])
+            tl.atomic_add(grad_ptr + y_ids[:, None] * K + ks[None, :], y_val[:, None] * act[None, :],
+                          mask=y_mask[:, None] & mask[None, :])
 
 
 @triton.jit
-def _weight_grads(g_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, cols64, row_mask, col_mask, D, R,
-                  stride_h, stride_ha, HAS_LORA: tl.constexpr, WEIGHT_GRAD: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dW += G^T h and dB += G^T hA for one tile of G, given transposed (`g_t`, [BLOCK_V,
-    BLOCK_N], in the tensor-core input dtype): fp32 atomics. Shared by the two-pass
-    backward and the single pass's kept-tile kernel."""
-    if WEIGHT_GRAD:
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + ds[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            dw = dot(g_t, h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32), IEEE)
-            tl.atomic_add(dw_ptr + cols64[:, None] * D + ds[None, :], dw,
-                          mask=col_mask[:, None] & d_mask[None, :])
-    if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rs < R
-            ha = tl.load(ha_ptr + rows64[:, None] * stride_ha + rs[None, :],
-                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            db = dot(g_t, ha, tl.zeros((BLOCK_V, BLOCK_R), tl.float32), IEEE)
-            tl.atomic_add(db_ptr + cols64[:, None] * R + rs[None, :], db,
-                          mask=col_mask[:, None] & r_mask[None, :])
+def _gemm_into(g, src_ptr, src_idx, src_mask, stride_src, out_ptr, out_idx, out_mask, K, alpha,
+               RESCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[out_idx, :K] += g @ src[src_idx, :K] for one tile g [BLOCK_M, len(src_idx)] (in
+    the tensor-core input dtype), K in BLOCK_K chunks; out is fp32, row stride K. fp32
+    atomics (out rows shared between programs), or, RESCALE, the program's own rows:
+    out = alpha[:, None] * out + g @ src (the sweep's flash-style accumulator)."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        src = tl.load(src_ptr + src_idx[:, None] * stride_src + ks[None, :],
+                      mask=src_mask[:, None] & k_mask[None, :], other=0.0)
+        out_ptrs = out_ptr + out_idx[:, None] * K + ks[None, :]
+        mask = out_mask[:, None] & k_mask[None, :]
+        if RESCALE:
+            acc = tl.load(out_ptrs, mask=mask, other=0.0) * alpha[:, None]
+            tl.store(out_ptrs, dot(g, src, acc, IEEE), mask=mask)
+        else:
+            tl.atomic_add(out_ptrs, dot(g, src, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), IEEE), mask=mask)
+
+
+@triton.jit
+def _gemm_into_parts(g, d_src_ptr, r_src_ptr, d_out_ptr, r_out_ptr, src_idx, src_mask, out_idx, out_mask,
+                     D, R, stride_d_src, stride_r_src, alpha,
+                     D_PART: tl.constexpr, R_PART: tl.constexpr, RESCALE: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """`_gemm_into` for both parts of an extended operand: the d columns of [W | B] or
+    [h | hA] (D_PART) and the LoRA rank's r columns (R_PART). G [W | B] gives dh and (G B),
+    G^T [h | hA] gives dW and dB."""
+    if D_PART:
+        _gemm_into(g, d_src_ptr, src_idx, src_mask, stride_d_src, d_out_ptr, out_idx, out_mask, D, alpha,
+                   RESCALE, IEEE, BLOCK_M, BLOCK_D)
+    if R_PART:
+        _gemm_into(g, r_src_ptr, src_idx, src_mask, stride_r_src, r_out_ptr, out_idx, out_mask, R, alpha,
+                   RESCALE, IEEE, BLOCK_M, BLOCK_R)
 
 
 @triton.jit
@@ -423,25 +441,10 @@ def _dense_bwd_kernel(
     g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
     g_in = g.to(w_ptr.dtype.element_ty)  # tensor-core input dtype; the sums stay fp32
     g_in_t = tl.trans(g_in)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        dh = dot(g_in, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), IEEE)
-        tl.atomic_add(dh_ptr + rows64[:, None] * D + ds[None, :], dh,
-                      mask=row_mask[:, None] & d_mask[None, :])
-    if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rs < R
-            b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
-                        mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-            gb = dot(g_in, b, tl.zeros((BLOCK_N, BLOCK_R), tl.float32), IEEE)
-            tl.atomic_add(gb_ptr + rows64[:, None] * R + rs[None, :], gb,
-                          mask=row_mask[:, None] & r_mask[None, :])
-    _weight_grads(g_in_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, cols64, row_mask, col_mask, D, R,
-                  stride_h, stride_ha, HAS_LORA, WEIGHT_GRAD, IEEE, BLOCK_V, BLOCK_D, BLOCK_R)
+    _gemm_into_parts(g_in, w_ptr, b_ptr, dh_ptr, gb_ptr, cols64, col_mask, rows64, row_mask, D, R,
+                     stride_w, stride_b, 1.0, True, HAS_LORA, False, IEEE, BLOCK_N, BLOCK_D, BLOCK_R)
+    _gemm_into_parts(g_in_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, row_mask, cols64, col_mask, D, R,
+                     stride_h, stride_ha, 1.0, WEIGHT_GRAD, HAS_LORA, False, IEEE, BLOCK_V, BLOCK_D, BLOCK_R)
 
 
 # ------------------------------------------------------------------------ single pass
@@ -479,36 +482,15 @@ def _sweep_kernel(
         u = logit_tile(h_ptr, w_ptr, ha_ptr, b_ptr, rows, cols, row_mask, col_mask,
                        D, R, stride_h, stride_w, stride_ha, stride_b,
                        HAS_LORA, IEEE, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
-        z = tl.where(col_mask[None, :], _capped_scaled(u, softcap, inv_tau, SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf), where acc is 0 anyway
-        p = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(p, axis=1)
-        m = m_new
+        m, s, alpha, p = _online_lse_step(u, col_mask, m, s, softcap, inv_tau, SOFTCAP)
         gp = (p * _softcap_grad(u, softcap, SOFTCAP)).to(w_ptr.dtype.element_ty)
         if KEEP:
             tl.store(kept_ptr + rows64[:, None] * V + cols64[None, :], gp,
                      mask=row_mask[:, None] & col_mask[None, :])
-            tl.store(tile_max_ptr + rows64 * n_tiles + v0 // BLOCK_V, m_new, mask=row_mask)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            w = tl.load(w_ptr + cols64[:, None] * stride_w + ds[None, :],
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            acc_ptrs = dh_ptr + rows64[:, None] * D + ds[None, :]
-            acc_mask = row_mask[:, None] & d_mask[None, :]
-            acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0) * alpha[:, None]
-            tl.store(acc_ptrs, dot(gp, w, acc, IEEE), mask=acc_mask)
-        if HAS_LORA:
-            for r0 in range(0, R, BLOCK_R):
-                rs = r0 + tl.arange(0, BLOCK_R)
-                r_mask = rs < R
-                b = tl.load(b_ptr + cols64[:, None] * stride_b + rs[None, :],
-                            mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-                acc_ptrs = gb_ptr + rows64[:, None] * R + rs[None, :]
-                acc_mask = row_mask[:, None] & r_mask[None, :]
-                acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0) * alpha[:, None]
-                tl.store(acc_ptrs, dot(gp, b, acc, IEEE), mask=acc_mask)
+            tl.store(tile_max_ptr + rows64 * n_tiles + v0 // BLOCK_V, m, mask=row_mask)
+        # acc = alpha acc + gp [W | B]; alpha is 0 on the first tile, where acc is 0 anyway
+        _gemm_into_parts(gp, w_ptr, b_ptr, dh_ptr, gb_ptr, cols64, col_mask, rows64, row_mask, D, R,
+                         stride_w, stride_b, alpha, True, HAS_LORA, True, IEEE, BLOCK_N, BLOCK_D, BLOCK_R)
     tl.store(max_ptr + rows, m, mask=row_mask)
     tl.store(sum_ptr + rows, s, mask=row_mask)
 
@@ -536,8 +518,8 @@ def _kept_wgrad_kernel(
     row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0) * tl.exp(tile_max - row_max)
     g_in_t = tl.trans(tl.where(mask, kept * scale[:, None], 0.0).to(h_ptr.dtype.element_ty))
-    _weight_grads(g_in_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, cols64, row_mask, col_mask, D, R,
-                  stride_h, stride_ha, HAS_LORA, WEIGHT_GRAD, IEEE, BLOCK_V, BLOCK_D, BLOCK_R)
+    _gemm_into_parts(g_in_t, h_ptr, ha_ptr, dw_ptr, db_ptr, rows64, row_mask, cols64, col_mask, D, R,
+                     stride_h, stride_ha, 1.0, WEIGHT_GRAD, HAS_LORA, False, IEEE, BLOCK_V, BLOCK_D, BLOCK_R)
 
 
 # --------------------------------------------------------------------------- launchers
