@@ -110,12 +110,24 @@ def _extended_k_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C = A1 @ B1 + A2 @ B2 (+ bias): one output tile, K = K1 then K2 (the LoRA rank).
+    """C = A1 @ B1 + A2 @ B2 (+ bias): one output tile, K = K1 then K2 (the LoRA rank;
+    DROP_OUT: masked by dropout, see `_low_rank_and_store`)."""
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc = _accumulate(acc, a1_ptr, b1_ptr, offs_m, offs_n, M, N, K1,
+                      stride_a1m, stride_a1k, stride_b1k, stride_b1n, IEEE, BLOCK_K)
+    _low_rank_and_store(acc, a2_ptr, b2_ptr, c_ptr, bias_ptr, offs_m, offs_n, M, N, K2,
+                        stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cm, stride_cn,
+                        seed_mix, threshold, inv_keep,
+                        HAS_BIAS, DROP_OUT, IEEE, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_R)
 
-    DROP_OUT (backward dx): the A2 @ B2 half is multiplied by the keep-mask of C's element
-    (C is [N, d_in] like x) and by 1/(1-p), so it needs its own accumulator.
-    """
-    # grouped tile order: GROUP_M row-tiles share the same B columns in L2
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program's output tile in grouped order: GROUP_M row-tiles in
+    a row share the same weight columns in L2."""
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * num_n
@@ -123,12 +135,23 @@ def _extended_k_kernel(
     rows_in_group = min(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return pid_m, pid_n
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    acc = _accumulate(acc, a1_ptr, b1_ptr, offs_m, offs_n, M, N, K1,
-                      stride_a1m, stride_a1k, stride_b1k, stride_b1n, IEEE, BLOCK_K)
+
+@triton.jit
+def _low_rank_and_store(
+    acc, a2_ptr, b2_ptr, c_ptr, bias_ptr, offs_m, offs_n, M, N, K2,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cm, stride_cn,
+    seed_mix, threshold, inv_keep,
+    HAS_BIAS: tl.constexpr, DROP_OUT: tl.constexpr, IEEE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """C tile = acc + A2 @ B2 (+ bias), stored: the LoRA half (K = the rank) of an
+    extended-K GEMM whose base half is in acc (dense W here, NF4 in lora_linear_nf4).
+
+    DROP_OUT (backward dx): the A2 @ B2 half is multiplied by the keep-mask of C's element
+    (C is [N, d_in] like x) and by 1/(1-p), so it needs its own accumulator.
+    """
     if DROP_OUT:
         low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         low_rank = _accumulate(low_rank, a2_ptr, b2_ptr, offs_m, offs_n, M, N, K2,
@@ -291,13 +314,20 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, seed):
 def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, scale, dropout, seed):
     """(grad_x, grad_lora_a, grad_lora_b) of lora_linear; W and bias are frozen."""
     weight = weight.to(x.dtype)
+    return _lora_backward(grad_out, x, lora_a, lora_b, scale, dropout, seed,
+                         lambda dy, *rest, **kw: _extended_k(dy, weight, *rest, **kw))
+
+
+def _lora_backward(grad_out, x, lora_a, lora_b, scale, dropout, seed, base_dx):
+    """(grad_x, grad_lora_a, grad_lora_b) of a LoRA linear on a frozen base, given the
+    base's extended-K dx GEMM `base_dx(dy, dyB_s, A, out, drop_out=, dropout_args=)`:
+    out = [dy, dyB_s] @ [W; A], W dense here or NF4 (kernels.lora_linear_nf4)."""
     dy = grad_out.to(x.dtype)
     args = _dropout_args(dropout, seed)
     n, r = x.shape[0], lora_a.shape[0]
     a_c, b_c = lora_a.to(x.dtype), lora_b.to(x.dtype)
     dyb_s = _mm(dy, b_c, torch.empty((n, r), device=x.device, dtype=x.dtype), scale)
-    grad_x = _extended_k(dy, weight, dyb_s, a_c, torch.empty_like(x),
-                         drop_out=dropout > 0, dropout_args=args)
+    grad_x = base_dx(dy, dyb_s, a_c, torch.empty_like(x), drop_out=dropout > 0, dropout_args=args)
     grad_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     grad_a = torch.empty(lora_a.shape, device=x.device, dtype=grad_dtype)
     _mm(dyb_s.T, x, grad_a, args[2] if dropout > 0 else 1.0,

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from pdengine.kernels._math import dot
 from pdengine.kernels.lora_linear import (
-    _accumulate, _acc_dtype, _dropout_args, _ieee, _keep, _lora_input, _mm, _pow2_clamp,
+    _acc_dtype, _grouped_tile, _ieee, _lora_backward, _lora_input, _low_rank_and_store, _pow2_clamp,
 )
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -76,18 +76,9 @@ def _nf4_extended_k_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A1 @ Wq + A2 @ B2 (+ bias), Wq[k, n] the NF4 element at flat k*stride_wk + n*stride_wn.
-
-    DROP_OUT (backward dx): the A2 @ B2 half is masked by the keep-mask of C's element and
-    scaled by 1/(1-p), in its own accumulator (as `kernels.lora_linear._extended_k_kernel`).
-    """
-    # grouped tile order: GROUP_M row-tiles share the same weight columns in L2
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    The LoRA half (DROP_OUT: masked by dropout) is `kernels.lora_linear._low_rank_and_store`,
+    as in the dense `_extended_k_kernel`."""
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
 
@@ -105,20 +96,10 @@ def _nf4_extended_k_kernel(
         w = _nf4_values(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, flat, w_mask,
                         blocksize, nested_blocksize, nested_offset, NESTED)
         acc = dot(a, w.to(W_DTYPE).to(a1_ptr.dtype.element_ty), acc, IEEE)
-    if DROP_OUT:
-        low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        low_rank = _accumulate(low_rank, a2_ptr, b2_ptr, offs_m, offs_n, M, N, K2,
-                               stride_a2m, stride_a2k, stride_b2k, stride_b2n, IEEE, BLOCK_R)
-        keep = _keep(offs_m[:, None] * N + offs_n[None, :], seed_mix, threshold)
-        acc += tl.where(keep, low_rank * inv_keep, 0.0)
-    else:
-        acc = _accumulate(acc, a2_ptr, b2_ptr, offs_m, offs_n, M, N, K2,
-                          stride_a2m, stride_a2k, stride_b2k, stride_b2n, IEEE, BLOCK_R)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    _low_rank_and_store(acc, a2_ptr, b2_ptr, c_ptr, bias_ptr, offs_m, offs_n, M, N, K2,
+                        stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cm, stride_cn,
+                        seed_mix, threshold, inv_keep,
+                        HAS_BIAS, DROP_OUT, IEEE, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -169,18 +150,5 @@ def lora_linear_nf4(x, *args):
 def lora_linear_nf4_backward(grad_out, x, *args):
     """(grad_x, grad_lora_a, grad_lora_b) of lora_linear_nf4; the base is frozen."""
     weight, (lora_a, lora_b, scale, dropout, seed) = args[:10], args[10:]
-    dy = grad_out.to(x.dtype)
-    dropout_args = _dropout_args(dropout, seed)
-    n, r = x.shape[0], lora_a.shape[0]
-    a_c, b_c = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    dyb_s = _mm(dy, b_c, torch.empty((n, r), device=x.device, dtype=x.dtype), scale)
-    grad_x = _nf4_gemm(dy, weight, False, dyb_s, a_c, torch.empty_like(x),
-                       drop_out=dropout > 0, dropout_args=dropout_args)
-    grad_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    grad_a = torch.empty(lora_a.shape, device=x.device, dtype=grad_dtype)
-    _mm(dyb_s.T, x, grad_a, dropout_args[2] if dropout > 0 else 1.0,
-        drop_b=dropout > 0, dropout_args=dropout_args, x_cols=x.shape[1])
-    xa = _lora_input(x, lora_a, 1.0, dropout, seed)
-    grad_b = torch.empty(lora_b.shape, device=x.device, dtype=grad_dtype)
-    _mm(dy.T, xa, grad_b, scale)
-    return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
+    return _lora_backward(grad_out, x, lora_a, lora_b, scale, dropout, seed,
+                         lambda dy, *rest, **kw: _nf4_gemm(dy, weight, False, *rest, **kw))
