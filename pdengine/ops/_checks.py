@@ -17,6 +17,18 @@ def check_float_tensor(name, t, ndim=None):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
+def check_input_and_weight(name, x, weight, what):
+    """x [..., d] (N-D) and a 2-D weight [out, d] of x's dtype; `what` says what d is."""
+    check_float_tensor(name, x)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension ({what})")
+    check_float_tensor("weight", weight, 2)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}'s last dimension ({x.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]})")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"{name} ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+
+
 def check_number(name, value, *, positive=False, nonnegative=False):
     """value is a finite Python int or float (not a bool), > 0 or >= 0 when asked."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -61,15 +73,21 @@ def _same_device(anchor_name, anchor, **tensors):
             raise ValueError(f"{name} is on {t.device} but {anchor_name} is on {anchor.device}")
 
 
-def raw_hidden_and_head(hidden, weight):
-    """hidden [N, d] and an lm_head weight [V, d] (csrc/common.h check_hidden_and_head)."""
-    _raw_floating("hidden", hidden)
-    _raw_dim("hidden", hidden, 2, "2-D [N, d]")
+def _raw_input_and_weight(name, x, weight, d, out):
+    """x [N, d] and a weight [out, d] on x's device; `d` and `out` name the sizes in the
+    messages (csrc/common.h check_hidden_and_head, csrc/lora_linear.cpp check_lora_args)."""
+    _raw_floating(name, x)
+    _raw_dim(name, x, 2, f"2-D [N, {d}]")
     _raw_floating("weight", weight)
-    _raw_dim("weight", weight, 2, "2-D [V, d]")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must have shape [V, {hidden.shape[1]}] (hidden's d), got {list(weight.shape)}")
-    _same_device("hidden", hidden, weight=weight)
+    _raw_dim("weight", weight, 2, f"2-D [{out}, {d}]")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape [{out}, {x.shape[1]}] ({name}'s {d}), got {list(weight.shape)}")
+    _same_device(name, x, weight=weight)
+
+
+def raw_hidden_and_head(hidden, weight):
+    """hidden [N, d] and an lm_head weight [V, d]."""
+    _raw_input_and_weight("hidden", hidden, weight, "d", "V")
 
 
 def raw_linear_topk_kl(hidden, weight, lora_a, lora_b, ids, lp, labels, lora_scale, temperature,
@@ -144,12 +162,7 @@ def raw_linear_topk_kl_forward_backward(grad_loss, *args):
 
 def _raw_lora(x, weight, lora_a, lora_b, dropout):
     """csrc/lora_linear.cpp check_lora_args."""
-    _raw_floating("x", x)
-    _raw_dim("x", x, 2, "2-D [N, d_in]")
-    _raw_floating("weight", weight)
-    _raw_dim("weight", weight, 2, "2-D [d_out, d_in]")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must have shape [d_out, {x.shape[1]}] (x's d_in), got {list(weight.shape)}")
+    _raw_input_and_weight("x", x, weight, "d_in", "d_out")
     _raw_floating("lora_a", lora_a)
     _raw_dim("lora_a", lora_a, 2, "2-D [r, d_in]")
     if lora_a.shape[1] != x.shape[1]:
@@ -159,7 +172,7 @@ def _raw_lora(x, weight, lora_a, lora_b, dropout):
         raise ValueError(f"lora_b must have shape [{weight.shape[0]}, {lora_a.shape[0]}], got {list(lora_b.shape)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    _same_device("x", x, weight=weight, lora_a=lora_a, lora_b=lora_b)
+    _same_device("x", x, lora_a=lora_a, lora_b=lora_b)
 
 
 def raw_lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, seed):

@@ -26,7 +26,7 @@ from torch import nn
 
 from pdengine import reference
 from pdengine.ops import _library
-from pdengine.ops._checks import check_float_tensor, check_number
+from pdengine.ops._checks import check_float_tensor, check_input_and_weight, check_number
 
 _INT_DTYPES = (torch.int32, torch.int64)
 MODES = reference.MODES
@@ -38,15 +38,8 @@ REDUCTIONS = reference.REDUCTIONS
 
 def _check_shapes(hidden, weight, teacher_ids, teacher_logprobs, labels, lora_a, lora_b):
     """Host-side checks of every tensor argument; returns (N, V)."""
-    check_float_tensor("hidden", hidden)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least one dimension (the hidden size)")
-    check_float_tensor("weight", weight, 2)
+    check_input_and_weight("hidden", hidden, weight, "the hidden size")
     v, d = weight.shape
-    if hidden.shape[-1] != d:
-        raise ValueError(f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({d})")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
     n = hidden.numel() // d if d else 0
     if not isinstance(teacher_ids, torch.Tensor) or teacher_ids.dtype not in _INT_DTYPES:
         raise ValueError("teacher_ids must be an int32/int64 tensor of shape [..., k]")

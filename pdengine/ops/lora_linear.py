@@ -16,7 +16,7 @@ import torch
 
 from pdengine import reference
 from pdengine.ops import _library
-from pdengine.ops._checks import check_float_tensor
+from pdengine.ops._checks import check_float_tensor, check_input_and_weight
 
 # Dropout seeds are drawn below 2**31 so they fit every backend's int type.
 _SEED_BOUND = 2**31 - 1
@@ -27,17 +27,10 @@ _SEED_BOUND = 2**31 - 1
 
 def _check_args(x, weight, lora_a, lora_b, scale, bias, dropout):
     """ValueError naming the argument for every malformed input (x may be N-D here)."""
-    check_float_tensor("x", x, None)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the input features)")
-    check_float_tensor("weight", weight, 2)
+    check_input_and_weight("x", x, weight, "the input features")
     check_float_tensor("lora_a", lora_a, 2)
     check_float_tensor("lora_b", lora_b, 2)
     d_out, d_in = weight.shape
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight.shape[1] ({d_in})")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
     r = lora_a.shape[0]
     if r < 1:
         raise ValueError("lora_a must have at least one row (rank >= 1)")
