@@ -46,5 +46,14 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """helpers.save_tiny's model + tokenizer directory, saved once per test module (the
+    CLI tests read it, none writes into it)."""
+    from helpers import save_tiny  # transformers: imported only by the modules that use it
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: a GPU test (tests/test_cuda_ops.py; skipped without CUDA)")

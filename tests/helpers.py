@@ -143,3 +143,14 @@ def tiny_model_and_tokenizer(family: str, seed: int = 0):
     tok = sentence_word_tokenizer() if family == "llama" else bpe_tokenizer()
     model = tiny_model(family, vocab_size=len(tok), seed=seed, num_hidden_layers=2, max_position_embeddings=512)
     return model, tok
+
+
+# ------------------------------------------------------------------ command errors
+
+
+def error_line(capsys) -> str:
+    """The last stderr line of a command that failed: there is one, and no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "an error message was expected"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]

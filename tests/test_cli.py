@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import QA_DOCS as DOCS
-from helpers import save_tiny
+from helpers import error_line
 
 from pdengine import cli
 from pdengine.io import write_jsonl
@@ -16,23 +16,11 @@ EVAL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.fixture
 def data(tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", DOCS)
     write_jsonl(tmp_path / "eval.jsonl", EVAL)
     return tmp_path
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "an error message was expected"
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 # ---------------------------------------------------------------- help
@@ -56,7 +44,7 @@ def test_bench_lists_and_rejects_unknown(capsys):
     listing = capsys.readouterr().out
     assert listing.startswith("available benchmarks:")
     assert cli.main(["bench", "no_such_bench"]) == 2
-    assert "unknown benchmark 'no_such_bench'" in _error_line(capsys)
+    assert "unknown benchmark 'no_such_bench'" in error_line(capsys)
 
 
 # ---------------------------------------------------------------- errors
@@ -65,28 +53,28 @@ def test_bench_lists_and_rejects_unknown(capsys):
 def test_missing_and_empty_documents(model_dir, tmp_path, capsys):
     base = ["generate", "--model", str(model_dir), "--out", str(tmp_path / "q.jsonl")]
     assert cli.main([*base, "--documents", str(tmp_path / "nope.jsonl")]) == 2
-    assert _error_line(capsys) == f"pdengine generate: error: {tmp_path / 'nope.jsonl'}: file not found"
+    assert error_line(capsys) == f"pdengine generate: error: {tmp_path / 'nope.jsonl'}: file not found"
     (tmp_path / "empty.jsonl").write_text("")
     assert cli.main([*base, "--documents", str(tmp_path / "empty.jsonl")]) == 2
-    assert "empty.jsonl: file is empty" in _error_line(capsys)
+    assert "empty.jsonl: file is empty" in error_line(capsys)
 
 
 def test_malformed_jsonl_names_file_and_line(model_dir, tmp_path, capsys):
     bad = tmp_path / "docs.jsonl"
     bad.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": \n')
     assert cli.main(["generate", "--model", str(model_dir), "--documents", str(bad), "--out", "x"]) == 2
-    assert "docs.jsonl:2: malformed JSON" in _error_line(capsys)
+    assert "docs.jsonl:2: malformed JSON" in error_line(capsys)
 
 
 def test_bad_model_directories(data, capsys):
     args = ["--documents", str(data / "docs.jsonl"), "--out", str(data / "q.jsonl")]
     assert cli.main(["generate", "--model", str(data / "missing"), *args]) == 2
-    assert "does not exist" in _error_line(capsys)
+    assert "does not exist" in error_line(capsys)
     not_lm = data / "bert"
     not_lm.mkdir()
     (not_lm / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     assert cli.main(["generate", "--model", str(not_lm), *args]) == 2
-    assert "not a causal LM" in _error_line(capsys)
+    assert "not a causal LM" in error_line(capsys)
 
 
 def _write_config(path, **config):
@@ -100,33 +88,33 @@ def test_unknown_config_keys_list_valid_keys(model_dir, data, capsys):
     base = dict(model=str(model_dir), documents=str(data / "docs.jsonl"), out=str(data / "run"))
     cfg = _write_config(data / "a.yaml", **base, epochz=3)
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "unknown key(s) ['epochz']" in line and "valid keys: model, documents, out" in line
     cfg = _write_config(data / "b.yaml", **base, generate={"n_question": 3})
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "generate: unknown key 'n_question'" in line and "n_questions" in line
     cfg = _write_config(data / "c.yaml", **base, generate={"out": "elsewhere.jsonl"})
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert "[generate] cannot set 'out': the pipeline sets it" in _error_line(capsys)
+    assert "[generate] cannot set 'out': the pipeline sets it" in error_line(capsys)
     cfg = _write_config(data / "d.yaml", **base, answer={"temperature": "hot"})
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert "answer.temperature: expected a number, got 'hot'" in _error_line(capsys)
+    assert "answer.temperature: expected a number, got 'hot'" in error_line(capsys)
     cfg = _write_config(data / "e.yaml", **base, prefill={"force": True})
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert "[prefill] cannot set 'force'" in _error_line(capsys)
+    assert "[prefill] cannot set 'force'" in error_line(capsys)
     assert not (data / "run").exists(), "nothing runs before the whole config is valid"
 
 
 def test_config_file_errors(data, capsys):
     assert cli.main(["run", "--config", str(data / "none.yaml")]) == 2
-    assert "not found" in _error_line(capsys)
+    assert "not found" in error_line(capsys)
     (data / "x.json").write_text("{}")
     assert cli.main(["run", "--config", str(data / "x.json")]) == 2
-    assert ".yaml, .yml or .toml" in _error_line(capsys)
+    assert ".yaml, .yml or .toml" in error_line(capsys)
     (data / "m.toml").write_text('model = "m"\n')
     assert cli.main(["run", "--config", str(data / "m.toml")]) == 2
-    assert "missing required key(s) ['documents', 'out']" in _error_line(capsys)
+    assert "missing required key(s) ['documents', 'out']" in error_line(capsys)
 
 
 # ---------------------------------------------------------------- stages and the pipeline
@@ -200,7 +188,7 @@ def test_prefill_takes_the_model_loading_flags(model_dir, data, capsys):
     assert cli.main([*base, "--attn-implementation", "eager", "--quantize", "none"]) == 0
     assert json.loads((data / "cache" / "manifest.json").read_text())["attn_implementation"] == "eager"
     assert cli.main([*base, "--force", "--attn-implementation", "flash_attention_2"]) == 2
-    assert "'flash_attention_2' cannot be used" in _error_line(capsys)
+    assert "'flash_attention_2' cannot be used" in error_line(capsys)
     assert cli.main([*base, "--force", "--quantize", "fp8"]) == 2  # argparse: not a choice
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
@@ -209,7 +197,7 @@ def test_train_takes_the_loading_flags_for_training(model_dir, data, capsys):
     train = ["train", "--model", str(model_dir), "--cache", str(data / "cache"), "--out", str(data / "tr"),
              "--device", "cpu"]
     assert cli.main([*train, "--attn-implementation", "flex_attention"]) == 2  # no CPU backward: before any work
-    assert "'flex_attention' cannot be used: it is not available on cpu" in _error_line(capsys)
+    assert "'flex_attention' cannot be used: it is not available on cpu" in error_line(capsys)
     assert cli.main([*train, "--quantize", "fp8"]) == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
@@ -228,7 +216,7 @@ def test_generate_answer_eval_take_the_loading_flags(model_dir, data, capsys):
     for command in (["generate", "--out", str(data / "q2.jsonl")],
                     ["eval", "--questions", str(data / "eval.jsonl"), "--out", str(data / "ev2")]):
         assert cli.main([command[0], *common, "--attn-implementation", "flash_attention_2", *command[1:]]) == 2
-        assert "'flash_attention_2' cannot be used" in _error_line(capsys)
+        assert "'flash_attention_2' cannot be used" in error_line(capsys)
 
 
 @pytest.mark.parametrize("command", ["export", "curves"])

@@ -21,6 +21,12 @@ def _loss_args():
             torch.randn(v, r, generator=g), ids, lp, labels, 0.5, 2.0, 0.0, True, 0.3, -100]
 
 
+def _refuses(backend, op, name, *args):
+    """The raw op `op` of `backend` raises a ValueError naming `name`."""
+    with pytest.raises(ValueError, match=name):
+        backend_op(backend, op)(*args)
+
+
 def _with(args, **changes):
     names = ["hidden", "weight", "lora_a", "lora_b", "ids", "lp", "labels", "lora_scale",
              "temperature", "softcap", "tail", "ce_weight", "ignore_index"]
@@ -59,19 +65,14 @@ LOSS_CASES = _loss_cases()
 @pytest.mark.parametrize("case", list(LOSS_CASES))
 def test_loss_ops_refuse_alike(backend, case):
     args, name = LOSS_CASES[case]
-    with pytest.raises(ValueError, match=name):
-        backend_op(backend, "linear_topk_kl")(*args)
-    with pytest.raises(ValueError, match=name):
-        backend_op(backend, "linear_topk_kl_forward_backward")(torch.ones(5), *args, True)
+    _refuses(backend, "linear_topk_kl", name, *args)
+    _refuses(backend, "linear_topk_kl_forward_backward", name, torch.ones(5), *args, True)
 
 
 def test_loss_backward_checks_its_own_tensors(backend):
     args = _loss_args()
-    bwd = backend_op(backend, "linear_topk_kl_backward")
-    with pytest.raises(ValueError, match="grad_loss"):
-        bwd(torch.ones(4), *args[:7], torch.zeros(5), *args[7:], True)
-    with pytest.raises(ValueError, match="lse"):
-        bwd(torch.ones(5), *args[:7], torch.zeros(4), *args[7:], True)
+    _refuses(backend, "linear_topk_kl_backward", "grad_loss", torch.ones(4), *args[:7], torch.zeros(5), *args[7:], True)
+    _refuses(backend, "linear_topk_kl_backward", "lse", torch.ones(5), *args[:7], torch.zeros(4), *args[7:], True)
 
 
 def _lora_cases():
@@ -94,12 +95,10 @@ LORA_CASES = _lora_cases()
 @pytest.mark.parametrize("case", list(LORA_CASES))
 def test_lora_ops_refuse_alike(backend, case):
     args, name = LORA_CASES[case]
-    with pytest.raises(ValueError, match=name):
-        backend_op(backend, "lora_linear")(*args)
+    _refuses(backend, "lora_linear", name, *args)
     if name != "bias":  # the backward has no bias argument
         x, w, a, b, scale, _bias, p, seed = args
-        with pytest.raises(ValueError, match=name):
-            backend_op(backend, "lora_linear_backward")(torch.ones(4, 5), x, w, a, b, scale, p, seed)
+        _refuses(backend, "lora_linear_backward", name, torch.ones(4, 5), x, w, a, b, scale, p, seed)
 
 
 @pytest.mark.parametrize("change,name", [
@@ -110,6 +109,4 @@ def test_lora_ops_refuse_alike(backend, case):
     (lambda h, w, k, t, c: (h, w, k, t, -2.0), "softcap"),
 ])
 def test_teacher_topk_refuses_alike(backend, change, name):
-    args = change(torch.randn(3, 4), torch.randn(20, 4), 2, 1.0, 0.0)
-    with pytest.raises(ValueError, match=name):
-        backend_op(backend, "teacher_topk")(*args)
+    _refuses(backend, "teacher_topk", name, *change(torch.randn(3, 4), torch.randn(20, 4), 2, 1.0, 0.0))

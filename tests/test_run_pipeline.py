@@ -5,7 +5,7 @@ import os
 
 import pytest
 import yaml
-from helpers import QA_DOCS, save_tiny
+from helpers import QA_DOCS, error_line, save_tiny
 
 from pdengine import cli, config, pipeline
 from pdengine.errors import InputError
@@ -15,11 +15,6 @@ from pdengine.locking import DirectoryLock
 
 FAST = dict(generate={"n_questions": 2, "per_call": 2, "max_new_tokens": 12, "batch_size": 4, "progress": False},
             answer={"max_new_tokens": 5, "progress": False})
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture
@@ -35,12 +30,6 @@ def _config(data, model_dir, **extra):
     return path
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    return err[-1]
-
-
 @pytest.mark.parametrize("stage, section, message", [
     ("train", {"lr": float("nan")}, "train: lr must be a finite number"),
     ("eval", {"max_new_tokens": 0}, "eval: max_new_tokens must be > 0"),
@@ -52,7 +41,7 @@ def test_a_bad_value_in_any_section_stops_the_run_before_the_first_stage(model_d
     write_jsonl(data / "eval.jsonl", [{"doc_id": "d1", "question": "who ?", "answer": "Ada"}])
     cfg = _config(data, model_dir, eval_questions=str(data / "eval.jsonl"), **FAST, **{stage: section})
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert message in _error_line(capsys)
+    assert message in error_line(capsys)
     assert not (data / "run").exists(), "generate must not have run"
 
 
@@ -126,7 +115,7 @@ def test_a_second_run_on_the_same_out_is_refused(model_dir, data, capsys):
     cfg = _config(data, model_dir, stages="generate", **FAST)
     with DirectoryLock(data / "run", "pdengine run (another)"):
         assert cli.main(["run", "--config", str(cfg)]) == 2
-        line = _error_line(capsys)
+        line = error_line(capsys)
     assert "is in use by another pdengine process" in line and f"pid {os.getpid()}" in line
     assert not (data / "run" / "questions.jsonl").exists()
 
@@ -145,7 +134,7 @@ def test_a_document_too_long_for_the_model_stops_the_run_before_any_stage(model_
     write_jsonl(data / "docs.jsonl", [QA_DOCS[0], long_doc])
     cfg = _config(data, model_dir, stages="generate,answer", **FAST)
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "document '7': its teacher prompt (system + document, before its question) is " in line
     assert "including 5 tokens to generate, over the model's context length of 256" in line
     assert not (data / "run").exists()
@@ -177,10 +166,10 @@ def test_a_chunk_size_too_large_for_the_model_is_named(model_dir, data, capsys):
     write_jsonl(data / "docs.jsonl", [{"id": 7, "text": " ".join(["Ada lives in Oslo ."] * 60)}])
     cfg = _config(data, model_dir, stages="chunk,generate", chunk={"chunk_tokens": 1000, "overlap_tokens": 0}, **FAST)
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert "document '7'" in (line := _error_line(capsys)) and "chunk_tokens is too large" in line
+    assert "document '7'" in (line := error_line(capsys)) and "chunk_tokens is too large" in line
     cfg = _config(data, model_dir, stages="generate", **FAST)
     assert cli.main(["run", "--config", str(cfg)]) == 2
-    assert "or add `chunk: {chunk_tokens: N}` to the config" in _error_line(capsys)
+    assert "or add `chunk: {chunk_tokens: N}` to the config" in error_line(capsys)
 
 
 def test_the_replay_stage_prefills_with_the_document_in_the_student_prompt(model_dir, data, capsys):
@@ -212,7 +201,7 @@ def test_without_replay_fraction_the_replay_stage_is_skipped(model_dir, data, ca
     assert (data / "run" / "cache").is_dir() and not (data / "run" / "replay_cache").exists()
     bad = _config(data, model_dir, replay={"student_sees_document": False}, train={"replay_fraction": 0.5})
     assert cli.main(["run", "--config", str(bad)]) == 2
-    assert "[replay] cannot set 'student_sees_document': the pipeline sets it" in _error_line(capsys)
+    assert "[replay] cannot set 'student_sees_document': the pipeline sets it" in error_line(capsys)
 
 
 def test_attn_implementation_reaches_the_stages_and_the_cache_manifest(model_dir, data, capsys):
@@ -224,7 +213,7 @@ def test_attn_implementation_reaches_the_stages_and_the_cache_manifest(model_dir
     assert manifest["attn_implementation"] == "eager"
     bad = _config(data, model_dir, stages="prefill", attn_implementation="fast")
     assert cli.main(["run", "--config", str(bad)]) == 2
-    assert "attn_implementation must be one of auto, sdpa, eager" in _error_line(capsys)
+    assert "attn_implementation must be one of auto, sdpa, eager" in error_line(capsys)
 
 
 def test_model_options_reach_every_model_stage_and_only_those():
