@@ -70,9 +70,9 @@ def test_loss_ops_refuse_alike(backend, case):
 
 
 def test_loss_backward_checks_its_own_tensors(backend):
-    args = _loss_args()
-    _refuses(backend, "linear_topk_kl_backward", "grad_loss", torch.ones(4), *args[:7], torch.zeros(5), *args[7:], True)
-    _refuses(backend, "linear_topk_kl_backward", "lse", torch.ones(5), *args[:7], torch.zeros(4), *args[7:], True)
+    args, bwd = _loss_args(), "linear_topk_kl_backward"
+    _refuses(backend, bwd, "grad_loss", torch.ones(4), *args[:7], torch.zeros(5), *args[7:], True)
+    _refuses(backend, bwd, "lse", torch.ones(5), *args[:7], torch.zeros(4), *args[7:], True)
 
 
 def _lora_cases():
