@@ -17,10 +17,13 @@ several training seeds; its scores are then the mean over seeds.
 
 `evaluate(...)` runs everything; `write_report(...)` (`pdengine.report`) writes report.json
 (with bootstrap intervals and paired differences, `pdengine.statistics`), report.md,
-report.png and answers.jsonl.
+report.png and answers.jsonl. Under torchrun every method's generation batches are split
+over the ranks and every rank gets all the answers (retrieval is deterministic, so each
+rank computes it); rank 0 holds the output directory and writes the report.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdengine import config as C
-from pdengine import generation, input_checks, prompts
+from pdengine import distributed, generation, input_checks, prompts
 from pdengine.config import Check, POSITIVE, setting
 from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
@@ -107,7 +110,8 @@ def check_eval_inputs(documents, questions, tokenizer=None) -> dict[str, dict]:
         raise InputError(f"{len(unknown)} of {len(questions)} eval questions have no document among the documents "
                          f"(first: {unknown[0]}); every method must answer the same questions")
     if tokenizer is not None:
-        input_checks.check_unknown_tokens(tokenizer, docs, questions, stage="eval")
+        input_checks.check_unknown_tokens(tokenizer, docs, questions, stage="eval",
+                                          stream=distributed.log_stream(distributed.context()))
     return docs
 
 
@@ -215,7 +219,8 @@ def evaluate(model, tokenizer, documents, questions: list[dict], settings: EvalC
     students = {name: list(s) if isinstance(s, (list, tuple)) else [s] for name, s in (students or {}).items()}
     methods = set(cfg.methods)
     if "pd_rag" in methods and PD_STUDENT not in students:
-        print(f"eval: pd_rag skipped: no student named {PD_STUDENT}", file=sys.stderr)
+        print(f"eval: pd_rag skipped: no student named {PD_STUDENT}",
+              file=distributed.log_stream(distributed.context()))
         methods.discard("pd_rag")
     common = dict(fmt=fmt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=cfg.progress)
     retrieved = None
@@ -326,10 +331,23 @@ def _check_out_dir(out) -> None:
         raise InputError(f"--out {out} is a file; eval writes a directory (report.json, report.md, ...)")
 
 
+def _lock_output(stack: contextlib.ExitStack, ctx, out) -> None:
+    """Under torchrun rank 0 owns the output directory (its lock, the report); every rank
+    answers its share of the batches. A lock held elsewhere stops every rank at once."""
+    from pdengine.locking import DirectoryLock
+
+    error = None
+    if ctx.is_main:
+        try:
+            stack.enter_context(DirectoryLock(out, purpose="pdengine eval"))
+        except InputError as e:
+            error = e
+    distributed.raise_if_any_failed(ctx, error)
+
+
 def run(args) -> int:
     """`pdengine eval`: answer the evaluation questions with every method; write the report."""
     from pdengine.io import read_jsonl
-    from pdengine.locking import DirectoryLock
 
     cfg = C.from_args(EvalConfig, args)
     _check_out_dir(args.out)
@@ -347,7 +365,9 @@ def run(args) -> int:
     allow_other = getattr(args, "allow_other_system", False)
     fmt, trained_prompt = prompt_record.eval_format(
         args.system, [p for paths in adapters.values() for p in paths], allow_other)
-    with DirectoryLock(args.out, purpose="pdengine eval"):
+    ctx = distributed.context()
+    with contextlib.ExitStack() as locked:
+        _lock_output(locked, ctx, args.out)
         model, tokenizer = generation.load_model(args.model, cfg, args.device, **generation.load_options(args))
         prompt_record.check_template(tokenizer, fmt, trained_prompt, allow_other)
         judge_model = judge_tokenizer = None
@@ -359,10 +379,13 @@ def run(args) -> int:
             students={name: [_adapter_loader(args, cfg, p) for p in paths] for name, paths in adapters.items()},
             judge_model=judge_model, judge_tokenizer=judge_tokenizer, fmt=fmt,
         )
-        paths = write_report(args.out, metrics, per_question,
-                             extra={"model": str(args.model), "settings": C.to_dict(cfg),
-                                    "adapters": {n: p[0] if len(p) == 1 else p for n, p in adapters.items()},
-                                    "prompt_format": dataclasses.asdict(fmt)})
-    print(paths["md"].read_text(encoding="utf-8"), end="")  # the table with intervals and differences
-    print(f"report: {paths['md']}", file=sys.stderr)
+        extra = {"model": str(args.model), "settings": C.to_dict(cfg),
+                 "adapters": {n: p[0] if len(p) == 1 else p for n, p in adapters.items()},
+                 "prompt_format": dataclasses.asdict(fmt)}
+        # every rank holds the same results; rank 0 writes and prints the report, and every
+        # rank returns once it is written
+        paths = distributed.on_main(ctx, lambda: write_report(args.out, metrics, per_question, extra=extra))
+    if ctx.is_main:
+        print(paths["md"].read_text(encoding="utf-8"), end="")  # the table with intervals and differences
+        print(f"report: {paths['md']}", file=sys.stderr)
     return 0

@@ -203,34 +203,57 @@ def generate_sequences(
     seed: int = 0,
     desc: str = "generate",
     progress: bool = True,
+    ctx=None,
 ) -> list[Generated]:
     """Continue each prompt; returns one `Generated` per prompt, in the input order.
 
     temperature 0 = greedy. Prompts are sorted by length before batching (less padding).
     Batch b is sampled under seed `seed + b`, so the output is a function of (prompts,
-    seed, batch_size).
+    seed, batch_size). Under torchrun the batches are split round-robin over the ranks of
+    `ctx` (default: the job's, `distributed.context()`; every rank passes the same prompts)
+    and every rank returns all the results, equal to one process's whatever the number of
+    ranks (docs/DESIGN.md, "Distributed"); `distributed.Context()` generates all batches here.
     """
+    from pdengine import distributed
+
     check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size)
     _check_sampling(temperature, top_k)
     if any(len(p) == 0 for p in prompt_ids):
         raise InputError("prompt_ids: every prompt needs at least one token")
+    ctx = distributed.context() if ctx is None else ctx
     stop = stop_ids(model, tokenizer)
-    stop_set = set(stop)
     config = _generation_config(tokenizer, stop, temperature=temperature, top_k=top_k,
                                 max_new_tokens=max_new_tokens)
-    device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    mine = sum(len(batches[b]) for b in ctx.my_units(len(batches)))
+    with progress_bar(mine, desc if not ctx.distributed else f"{desc} (rank 0 of {ctx.world_size})",
+                      progress and ctx.is_main) as bar:
+        def run_batch(b: int) -> list[Generated]:
+            out = _generate_batch(model, tokenizer, [prompt_ids[i] for i in batches[b]], config, set(stop), seed + b)
+            bar.update(len(out))
+            return out
+
+        # numbers hash the same in every process (str and, before Python 3.12, None do not):
+        # a cheap check that every rank got these prompts and settings
+        check = hash((tuple(map(tuple, prompt_ids)), seed, batch_size, float(temperature), int(top_k or 0),
+                      max_new_tokens)) if ctx.distributed else None
+        per_batch = distributed.map_units(ctx, len(batches), run_batch, check=check)
     results: list[Generated] = [Generated([], False) for _ in prompt_ids]
-    with progress_bar(len(order), desc, progress) as bar:
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            rows = order[start:start + batch_size]
-            ids, mask = left_pad([prompt_ids[i] for i in rows], config.pad_token_id, device)
-            with seeded(seed + b, device):
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for row, new in zip(rows, out[:, ids.shape[1]:].cpu().tolist()):
-                results[row] = Generated(cut_at_stop(new, stop_set, tokenizer), any(t in stop_set for t in new))
-            bar.update(len(rows))
+    for rows, generated in zip(batches, per_batch):
+        for row, g in zip(rows, generated):
+            results[row] = g
     return results
+
+
+def _generate_batch(model, tokenizer, prompts_of_batch, config, stop_set: set, seed: int) -> list[Generated]:
+    """One left-padded batch sampled under `seed`."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts_of_batch, config.pad_token_id, device)
+    with seeded(seed, device):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return [Generated(cut_at_stop(new, stop_set, tokenizer), any(t in stop_set for t in new))
+            for new in out[:, ids.shape[1]:].cpu().tolist()]
 
 
 def decode(tokenizer, ids: list[int]) -> str:

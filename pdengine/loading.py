@@ -21,9 +21,18 @@ from pdengine.errors import InputError
 
 
 def pick_device(device=None) -> torch.device:
-    """The requested device, else CUDA when available, else CPU."""
+    """The requested device, else CUDA when available, else CPU. Under torchrun each rank
+    takes its own GPU: cuda:LOCAL_RANK for no device or a plain "cuda"."""
+    from pdengine import distributed
+
+    ctx = distributed.context()
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if ctx.distributed and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", ctx.local_rank)
+        return device
+    if ctx.distributed:
+        return ctx.device()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

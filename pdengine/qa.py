@@ -10,7 +10,9 @@
 Settings live in `GenerateConfig` and `AnswerConfig` (the only place their defaults are
 written); the functions take one of them plus keyword overrides, and the CLI flags are
 generated from them. Batched, seeded generation is `pdengine.generation`; documents are
-looked up through the one documents index, `pdengine.documents`.
+looked up through the one documents index, `pdengine.documents`. Under torchrun the
+generation batches are split over the ranks and every rank gets all the results (so the
+rounds of question top-up stay in lock-step); rank 0 writes the file and the warnings.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdengine import config as C
-from pdengine import generation, input_checks, prompts
+from pdengine import distributed, generation, input_checks, prompts
 from pdengine.config import NON_NEGATIVE, POSITIVE, setting
 from pdengine.documents import document_of, index_documents
 from pdengine.errors import InputError
@@ -182,7 +184,8 @@ def generate_questions(model, tokenizer, documents: list[dict], settings: Genera
     """
     cfg = generation.resolve_settings(GenerateConfig, settings, overrides)
     docs = index_documents(documents)
-    input_checks.check_unknown_tokens(tokenizer, docs, stage="generate")
+    log = distributed.log_stream(distributed.context())  # under torchrun rank 0 warns for the job
+    input_checks.check_unknown_tokens(tokenizer, docs, stage="generate", stream=log)
     max_calls = cfg.max_calls or 4 * math.ceil(cfg.n_questions / cfg.per_call)
     prompt = question_prompt_text(cfg.prompt)
     found = {doc_id: _QuestionSet(cfg.n_questions) for doc_id in docs}
@@ -203,8 +206,8 @@ def generate_questions(model, tokenizer, documents: list[dict], settings: Genera
             for question in parse_questions(decode(tokenizer, ids), require_question_mark=cfg.require_question_mark):
                 found[doc_id].add(question)
     rows = [{"doc_id": d, "question": q} for d, qs in found.items() for q in qs.questions]
-    input_checks.check_questions_per_document(docs, rows, cfg.n_questions, stage="generate")
-    input_checks.check_near_duplicates(rows, stage="generate")
+    input_checks.check_questions_per_document(docs, rows, cfg.n_questions, stage="generate", stream=log)
+    input_checks.check_near_duplicates(rows, stage="generate", stream=log)
     return rows
 
 
@@ -244,7 +247,8 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise InputError(f"{where}: 'question' must be a non-empty string")
         pairs.extend([(str(doc["id"]), doc["text"], q["question"])] * cfg.n_answers)
-    input_checks.check_unknown_tokens(tokenizer, docs, questions, stage="answer")
+    log = distributed.log_stream(distributed.context())  # under torchrun rank 0 warns for the job
+    input_checks.check_unknown_tokens(tokenizer, docs, questions, stage="answer", stream=log)
     prompt_list = [prompts.teacher_prompt_ids(tokenizer, text, q, fmt) for _, text, q in pairs]
     outputs = generation.generate_sequences(
         model, tokenizer, prompt_list, temperature=cfg.temperature, top_k=cfg.top_k or None,
@@ -255,7 +259,7 @@ def answer_questions(model, tokenizer, documents: list[dict], questions: list[di
              "truncated": not out.stopped} for (d, _, q), out in zip(pairs, outputs)]
     # empty answers are always dropped (never trained on); cut-off ones unless keep_truncated
     kept = input_checks.check_answers(rows, max_new_tokens=cfg.max_new_tokens, keep_truncated=cfg.keep_truncated,
-                                      stage="answer").kept
+                                      stage="answer", stream=log).kept
     return [{k: v for k, v in r.items() if k != "truncated"} for r in kept]
 
 
@@ -284,9 +288,21 @@ def _refuse_overwrite(args) -> None:
         raise InputError(f"--out {args.out} exists already; pass --force to overwrite it")
 
 
+def _write_on_main(out, rows: list[dict], message: str) -> None:
+    """Every rank holds the same rows; rank 0 writes them, and every rank returns once the
+    file is there (a next stage on any rank reads it)."""
+    from pdengine.io import write_jsonl
+
+    def write():
+        write_jsonl(out, rows)
+        print(message, file=sys.stderr)
+
+    distributed.on_main(distributed.context(), write)
+
+
 def run_generate(args) -> int:
     """`pdengine generate`: documents JSONL -> questions JSONL."""
-    from pdengine.io import read_jsonl, write_jsonl
+    from pdengine.io import read_jsonl
 
     cfg = C.from_args(GenerateConfig, args)
     _refuse_overwrite(args)
@@ -297,14 +313,13 @@ def run_generate(args) -> int:
     rows = generate_questions(model, tokenizer, documents, cfg, fmt=PromptFormat(system=args.system))
     if not rows:
         raise InputError("the model wrote no usable question; check the prompt, --max-new-tokens, or the model")
-    write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} questions for {len(documents)} documents to {args.out}", file=sys.stderr)
+    _write_on_main(args.out, rows, f"wrote {len(rows)} questions for {len(documents)} documents to {args.out}")
     return 0
 
 
 def run_answer(args) -> int:
     """`pdengine answer`: documents + questions JSONL -> QA pairs JSONL (with answer_ids)."""
-    from pdengine.io import read_jsonl, write_jsonl
+    from pdengine.io import read_jsonl
 
     cfg = C.from_args(AnswerConfig, args)
     _refuse_overwrite(args)
@@ -315,6 +330,5 @@ def run_answer(args) -> int:
         document_of(docs, q, f"{args.questions}: questions[{i}]")
     model, tokenizer = generation.load_model(args.model, cfg, args.device, **generation.load_options(args))
     rows = answer_questions(model, tokenizer, documents, questions, cfg, fmt=PromptFormat(system=args.system))
-    write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+    _write_on_main(args.out, rows, f"wrote {len(rows)} answers to {args.out}")
     return 0

@@ -1,0 +1,133 @@
+"""generate, answer and eval under torchrun (2 gloo processes, launched by torchrun itself):
+the files equal a one-process run's byte for byte, and an error on one rank stops both.
+
+The sizes give every stage an odd number of generation batches (batch size 2): generate's
+first round 10 prompts (5 batches), answer 15 questions x 2 answers (15 batches), eval 5
+questions per method (3 batches), so one rank always computes one batch more.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import save_tiny
+
+from pdengine import cli, distributed, loading
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [{"id": "d1", "text": "Ada lives in Oslo . Ada works as baker ."},
+        {"id": "d2", "text": "Bo lives in Rome ."},
+        {"id": "d3", "text": "the cat sat on the mat ."},
+        {"id": "d4", "text": "Bo works as baker in Rome ."},
+        {"id": "d5", "text": "Ada sat on a mat in Oslo ."}]
+EVAL = [{"doc_id": "d1", "question": "where lives Ada ?", "answer": "Oslo"},
+        {"doc_id": "d2", "question": "who lives in Rome ?", "answer": "Bo"},
+        {"doc_id": "d3", "question": "what sat on the mat ?", "answer": "the cat"},
+        {"doc_id": "d4", "question": "what works Bo as ?", "answer": "baker"},
+        {"doc_id": "d5", "question": "where sat Ada ?", "answer": "on a mat"}]
+OUTPUTS = ["questions.jsonl", "qa.jsonl", "eval/report.json", "eval/answers.jsonl", "eval/report.md"]
+
+# The three stages in one torchrun launch (one process group; a command run through
+# cli.main leaves the group at its end, and a group is joined once per process).
+STAGES_SCRIPT = """
+import argparse, json, sys
+from pdengine import cli
+for command, argv in json.loads(sys.argv[1]):
+    parser = argparse.ArgumentParser()
+    add_arguments, run = cli.stage_functions(command)
+    add_arguments(parser)
+    assert run(parser.parse_args(argv)) == 0
+"""
+# Rank 1 fails inside one of its generation batches; the CLI as a user runs it.
+FAILING_SCRIPT = """
+import os, sys
+from pdengine import cli, generation
+from pdengine.errors import InputError
+if os.environ["RANK"] == "1":
+    def fail(*args):
+        raise InputError("boom on rank 1")
+    generation._generate_batch = fail
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_argvs(folder: Path, root: Path) -> list[tuple[str, list[str]]]:
+    """The three commands writing into `folder`, on the inputs in `root`."""
+    common = ["--model", str(root / "model"), "--documents", str(root / "docs.jsonl"), "--no-progress",
+              "--batch-size", "2"]
+    return [
+        ("generate", [*common, "--out", str(folder / "questions.jsonl"), "--n-questions", "3", "--per-call", "2",
+                      "--max-new-tokens", "24", "--no-require-question-mark"]),  # sampled, top-up rounds
+        ("answer", [*common, "--questions", str(folder / "questions.jsonl"), "--out", str(folder / "qa.jsonl"),
+                    "--max-new-tokens", "8", "--n-answers", "2"]),  # sampled
+        ("eval", [*common, "--questions", str(root / "eval.jsonl"), "--out", str(folder / "eval"),
+                  "--max-new-tokens", "4", "--methods", "closed_book,open_book,rag"]),  # greedy
+    ]
+
+
+def torchrun(script: Path, *args, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PDENGINE_DIST_TIMEOUT": "60"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master-port", str(free_port()), str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist-gen")
+    save_tiny(root / "model")
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (root / "eval.jsonl").write_text("".join(json.dumps(q) + "\n" for q in EVAL))
+    return root
+
+
+def test_two_ranks_write_the_one_process_files(job, tmp_path):
+    root = job
+    one, two = tmp_path / "one", tmp_path / "two"
+    for command, argv in stage_argvs(one, root):
+        assert cli.main([command, *argv]) == 0
+    (tmp_path / "stages.py").write_text(STAGES_SCRIPT)
+    result = torchrun(tmp_path / "stages.py", json.dumps(stage_argvs(two, root)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in OUTPUTS:  # report.json holds no clock time; both name the same model
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert len((one / "questions.jsonl").read_text().splitlines()) == 15
+    assert len((one / "qa.jsonl").read_text().splitlines()) > 15  # two sampled answers per question
+    assert set(json.loads((one / "eval/report.json").read_text())["methods"]) == {
+        "base_closed_book", "teacher_open_book", "rag_bm25"}
+    # rank 0 alone speaks: one "wrote" line per file, one report line
+    assert result.stderr.count("wrote 15 questions") == 1 and result.stderr.count("report: ") == 1
+
+
+def test_an_error_on_one_rank_stops_both_with_one_line_each(job, tmp_path):
+    (tmp_path / "failing.py").write_text(FAILING_SCRIPT)
+    argv = stage_argvs(tmp_path, job)[0]
+    start = time.monotonic()
+    result = torchrun(tmp_path / "failing.py", argv[0], *argv[1])
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0 and elapsed < 60, (elapsed, result.stderr[-3000:])
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("pdengine generate: error:"))
+    assert errors == ["pdengine generate: error: boom on rank 1",  # rank 1's own line
+                      "pdengine generate: error: rank 1 of 2 stopped: boom on rank 1"], result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert not (tmp_path / "questions.jsonl").exists()
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=1, world_size=2, local_rank=1))
+    assert loading.pick_device("cuda") == torch.device("cuda", 1)
+    assert loading.pick_device("cuda:0") == torch.device("cuda", 0)  # asked for by index: kept
+    assert loading.pick_device("cpu") == torch.device("cpu")
+    expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
+    assert loading.pick_device() == expected
