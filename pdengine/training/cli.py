@@ -63,13 +63,16 @@ def run(args) -> int:
 
     Bad input raises InputError (the CLI prints it on stderr, exit 2); a non-finite loss
     is one line on stderr and exit 1 (its traceback with PDENGINE_DEBUG=1)."""
+    from pdengine import distributed
     from pdengine.cache import TeacherCache
     from pdengine.loading import load_from_args
+    from pdengine.training.parallel import on_every_rank
 
     out = Path(args.out)
-    run_record = run_dir.read_run(out) if args.resume else None
-    if not args.resume:
-        run_dir.check_fresh(out)  # before the model loads; train() checks again under the lock
+    ctx = distributed.context()  # under torchrun: join the job before the model loads (cuda:LOCAL_RANK)
+    # Rank 0 reads OUT (other nodes need not see it) and checks it before the model loads;
+    # train() checks again under the lock.
+    run_record = ctx.broadcast(on_every_rank(ctx, lambda: _open_out(out, args.resume) if ctx.is_main else None))
     base = run_dir.saved_config(run_record, out) if run_record is not None else None
     config = config_from_args(args, base)
     if run_record is not None:  # refuse a changed setting before the model loads
@@ -77,7 +80,7 @@ def run(args) -> int:
     paths = _paths(args, run_record)
     model, tokenizer = load_from_args(args, training=True, path=paths["model"])  # --attn-implementation, --quantize
     warning = None if args.resume else advice.small_model_warning(model, config)
-    if warning:
+    if warning and ctx.is_main:
         print(f"pdengine train: {warning}", file=sys.stderr)
     temperature = config.temperature if config.loss == "pd" else None
     cache = TeacherCache(paths["cache"], model=model, tokenizer=tokenizer, temperature=temperature)
@@ -89,7 +92,17 @@ def run(args) -> int:
     except TrainingError as e:  # the run itself went wrong, not its input: exit 1
         if os.environ.get("PDENGINE_DEBUG") == "1":
             raise
-        print(f"pdengine train: error: {e}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"pdengine train: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(metrics, indent=2))
+    if ctx.is_main:
+        print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _open_out(out: Path, resume: bool) -> dict | None:
+    """The run.json to resume (None for a new run, whose directory must hold no run)."""
+    if resume:
+        return run_dir.read_run(out)
+    run_dir.check_fresh(out)
+    return None

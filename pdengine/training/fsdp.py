@@ -84,9 +84,10 @@ def trainable(model) -> dict:
 
 
 def _options():
+    """LoRA parameters only (frozen ones left out, so loading must not be strict about them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _rng() -> dict:
