@@ -100,3 +100,18 @@ def test_each_continuation_says_whether_it_reached_a_stop_token(monkeypatch):
                    generation.Generated([], True)]
     assert generation.generate_ids(model, tok, [[3], [4], [3, 4]], max_new_tokens=3, batch_size=3,
                                    progress=False) == [[5], [5, 6, 7], []]
+
+
+def test_each_batch_depends_only_on_its_prompts_and_seed_plus_its_index():
+    """What lets torchrun ranks share the batches (docs/DESIGN.md, "Distributed"): batch b of
+    a call, generated alone under seed + b, is the same sample."""
+    from pdengine import distributed
+
+    model, tok = qa_model(), qa_tokenizer()
+    prompt_list = [[3, 9], [4, 10], [5, 11], [6, 12], [7, 13]]  # equal lengths: batches keep the input order
+    sample = dict(temperature=1.5, max_new_tokens=5, batch_size=2, progress=False)
+    full = generation.generate_ids(model, tok, prompt_list, seed=7, **sample)
+    assert generation.generate_ids(model, tok, prompt_list[2:4], seed=8, **sample) == full[2:4]
+    assert generation.generate_ids(model, tok, prompt_list[4:], seed=9, **sample) == full[4:]
+    assert generation.generate_ids(model, tok, prompt_list, seed=7, ctx=distributed.Context(), **sample) == full
+    assert generation.generate_ids(model, tok, prompt_list[2:4], seed=7, **sample) != full[2:4]  # the seed matters
