@@ -130,6 +130,19 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def op_bench_parser(doc: str):
+    """The flags every op microbenchmark takes: --shapes (gpu presets when CUDA is there),
+    --reps, --warmup and --save."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--shapes", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    add_save_flag(parser)
+    return parser
+
+
 def add_save_flag(parser) -> None:
     """`--save`: write into the tracked bench/results/ (else a git-ignored run folder)."""
     parser.add_argument("--save", action="store_true",

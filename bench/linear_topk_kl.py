@@ -49,7 +49,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import (_sync, add_save_flag, environment, peak_memory, print_table, save_results, summarize_ms, time_fn,
+from common import (_sync, environment, op_bench_parser, peak_memory, print_table, save_results, summarize_ms, time_fn,
                     time_round_robin, tflops)
 
 import pdengine
@@ -338,13 +338,9 @@ def bench_gemm(shape, device, warmup, reps) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser = op_bench_parser(__doc__)
     parser.add_argument("--chunk", type=int, default=None, help="token chunk of the chunked baseline")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # CPU subprocess mode
-    add_save_flag(parser)
     args = parser.parse_args(argv)
     if args.memory_of:
         return _memory_child(args.memory_of)

@@ -18,7 +18,6 @@ keeps them in fp32, so expect differences of the order of bf16 rounding there.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -27,7 +26,7 @@ import torch
 if not torch.cuda.is_available():  # the Triton row on CPU needs the interpreter, set before import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import add_save_flag, environment, peak_memory, print_table, save_results, time_fn, tflops  # noqa: E402
+from common import environment, op_bench_parser, peak_memory, print_table, save_results, time_fn, tflops  # noqa: E402
 
 import pdengine  # noqa: E402
 from pdengine.ops import _library  # noqa: E402
@@ -107,11 +106,7 @@ def bench_shape(shape, device, warmup, reps) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    add_save_flag(parser)
+    parser = op_bench_parser(__doc__)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = GPU_SHAPES if args.shapes == "gpu" else CPU_SHAPES

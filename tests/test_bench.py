@@ -35,8 +35,9 @@ def test_every_bench_script_takes_save():
     import subprocess
 
     bench = Path(__file__).resolve().parent.parent / "bench"
-    for script in ("linear_topk_kl", "lora_linear", "prefill", "teacher_topk", "train_step"):
-        assert "add_save_flag(" in (bench / f"{script}.py").read_text(), script
+    for script in ("linear_topk_kl", "lora_linear", "prefill", "teacher_topk", "train_step", "distributed"):
+        text = (bench / f"{script}.py").read_text()
+        assert "add_save_flag(" in text or "op_bench_parser(" in text, script
     gitignore = (bench.parent / ".gitignore").read_text().split()
     assert "bench/runs/" in gitignore
     out = subprocess.run(["git", "check-ignore", "-q", "bench/runs/x/y.json"], cwd=bench.parent)

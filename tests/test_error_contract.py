@@ -14,11 +14,6 @@ from pdengine.errors import InputError
 from pdengine.io import read_jsonl, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def _prefill_args(model, tmp_path, docs="docs.jsonl"):
     return ["prefill", "--model", str(model), "--documents", str(tmp_path / docs), "--qa", str(tmp_path / "qa.jsonl"),
             "--out", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
