@@ -188,3 +188,15 @@ def test_split_batch_keeps_whole_sequences_and_every_answer_token():
     (empty, n0, total), (whole, n1, _) = (split_batch(single, rank, 2) for rank in range(2))
     assert (n0, n1) == (0, total) and torch.equal(whole["labels"], single["labels"])
     assert empty["labels"].numel() > 0  # rank 0 still computes (the sequence, weight 0)
+
+
+def test_fsdp_refuses_a_quantized_base_and_says_ddp_works():
+    from helpers import tiny_model as family_model
+
+    from pdengine import qlora
+    from pdengine.training import fsdp
+
+    fsdp.refuse_quantized(tiny_model())  # a plain base is fine
+    nf4 = qlora.quantize_model(family_model("llama", hidden_size=64, intermediate_size=128), "nf4")
+    with pytest.raises(InputError, match="cannot shard a quantized base .*Params4bit.*without --fsdp"):
+        fsdp.refuse_quantized(nf4)

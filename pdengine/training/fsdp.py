@@ -44,7 +44,8 @@ def refuse_quantized(model) -> None:
     if kinds:
         raise InputError(f"--fsdp cannot shard a quantized base ({', '.join(kinds)} weights keep their "
                          "quantization state outside the tensor; FSDP2 shards them as plain tensors and "
-                         "loses it); train the quantized base without --fsdp (DDP: the base is replicated, only LoRA gradients are summed)")
+                         "loses it); train the quantized base without --fsdp (DDP: the base is replicated, "
+                         "only LoRA gradients are summed)")
 
 
 def decoder_layers(model) -> list:
