@@ -36,6 +36,13 @@ that alters the result (cache, epochs, lr, schedule, LoRA, seed, ...) is refused
 `max_steps` may grow, so `--max-steps 4` then `--resume --max-steps 8` equals 8 steps
 straight (the learning-rate schedule spans `epochs` whatever `max_steps` says).
 
+Under torchrun (`torchrun --nproc_per_node N -m pdengine train ...`, or `train()` in
+processes launched with torchrun's env variables): DDP by default, each step's batch split
+by sequences across the ranks and the loss normalized by the global answer-token count, so
+N ranks train the one-process adapter up to float reduction order; `fsdp=True` shards the
+base per decoder layer with FSDP2 (DCP checkpoints, the same PEFT adapter). Rank 0 holds
+the lock and writes OUT (docs/DESIGN.md, "Distributed").
+
 Using the loss from your own loop (the engine is optional)::
 
     import torch, pdengine

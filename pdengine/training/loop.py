@@ -67,6 +67,7 @@ class Trainer:
         self.device = modeling.output_layer(model).weight.device
         self.autocast = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.params = prepare_model(model, config)
+        parallel.broadcast_parameters(self.ctx, self.params.values())  # before FSDP shards them
         self.sharded = config.fsdp  # train() checks that it runs under torchrun
         if self.sharded:
             fsdp.shard_model(model, self.ctx, config.fsdp_bf16)

@@ -95,6 +95,17 @@ def split_batch(batch: dict, rank: int, world_size: int) -> tuple[dict, int, int
     return _slice(batch, first, last, starts, rows), rows[last] - rows[first], total_rows
 
 
+def broadcast_parameters(ctx: Context, params) -> None:
+    """Rank 0's values of `params` on every rank. The trainer's own LoRA init is seeded and
+    equal everywhere; a model handed in with adapters initialised per process might not be."""
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+
 def is_sharded(tensor) -> bool:
     """A DTensor (an FSDP2-sharded parameter or gradient)."""
     from torch.distributed.tensor import DTensor
