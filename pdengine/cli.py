@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     except (InputError, CommandError) as e:  # only these: any other exception is a bug
         if os.environ.get("PDENGINE_DEBUG") == "1":
             raise
-        print(f"pdengine {command}: error: {e}", file=sys.stderr)
+        if getattr(e, "shown", True):  # distributed.PeerFailed: another rank failed; rank 0 says so
+            print(f"pdengine {command}: error: {e}", file=sys.stderr)
         return e.code if isinstance(e, CommandError) else 2
     finally:
         _leave_process_group()

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pdengine.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -81,18 +84,25 @@ class Context:
         return tensor
 
 
+class PeerFailed(InputError):
+    """Raised on the ranks that did not fail when another one did: the job stops everywhere,
+    and the failed rank (and rank 0, naming it) say why; the CLI prints it on rank 0 only."""
+
+    def __init__(self, message: str, shown: bool):
+        super().__init__(message)
+        self.shown = shown  # printed by the CLI: on rank 0 only, so N ranks do not say it N times
+
+
 def raise_if_any_failed(ctx: Context, error: Exception | None) -> None:
     """Every rank raises when one rank failed a step all of them take (a check, a lock), so no
     rank goes on to wait in a collective the failed one never joins. The failed rank raises
     its own error; the others an InputError naming it. Every rank must call this."""
     if ctx.distributed:
-        from pdengine.errors import InputError
-
         messages = [None] * ctx.world_size
         dist.all_gather_object(messages, None if error is None else str(error))
         failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
         if error is None and failed:
-            raise InputError(f"rank {failed[0][0]} of {ctx.world_size} stopped: {failed[0][1]}")
+            raise PeerFailed(f"rank {failed[0][0]} of {ctx.world_size} stopped: {failed[0][1]}", ctx.is_main)
     if error is not None:
         raise error
 
@@ -135,6 +145,23 @@ def on_main(ctx: Context, action):
             error = e
     raise_if_any_failed(ctx, error)
     return result
+
+
+@contextmanager
+def main_holds_lock(ctx: Context, directory, purpose: str):
+    """Rank 0 holds `directory`'s DirectoryLock for the block (under torchrun it owns the
+    output directory for the job); when it cannot take it, every rank stops at once."""
+    from pdengine.locking import DirectoryLock
+
+    with ExitStack() as stack:
+        error = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(DirectoryLock(directory, purpose))
+            except InputError as e:
+                error = e
+        raise_if_any_failed(ctx, error)
+        yield
 
 
 def log_stream(ctx: Context):

@@ -23,7 +23,6 @@ rank computes it); rank 0 holds the output directory and writes the report.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import sys
@@ -331,20 +330,6 @@ def _check_out_dir(out) -> None:
         raise InputError(f"--out {out} is a file; eval writes a directory (report.json, report.md, ...)")
 
 
-def _lock_output(stack: contextlib.ExitStack, ctx, out) -> None:
-    """Under torchrun rank 0 owns the output directory (its lock, the report); every rank
-    answers its share of the batches. A lock held elsewhere stops every rank at once."""
-    from pdengine.locking import DirectoryLock
-
-    error = None
-    if ctx.is_main:
-        try:
-            stack.enter_context(DirectoryLock(out, purpose="pdengine eval"))
-        except InputError as e:
-            error = e
-    distributed.raise_if_any_failed(ctx, error)
-
-
 def run(args) -> int:
     """`pdengine eval`: answer the evaluation questions with every method; write the report."""
     from pdengine.io import read_jsonl
@@ -366,8 +351,7 @@ def run(args) -> int:
     fmt, trained_prompt = prompt_record.eval_format(
         args.system, [p for paths in adapters.values() for p in paths], allow_other)
     ctx = distributed.context()
-    with contextlib.ExitStack() as locked:
-        _lock_output(locked, ctx, args.out)
+    with distributed.main_holds_lock(ctx, args.out, "pdengine eval"):  # rank 0 owns OUT
         model, tokenizer = generation.load_model(args.model, cfg, args.device, **generation.load_options(args))
         prompt_record.check_template(tokenizer, fmt, trained_prompt, allow_other)
         judge_model = judge_tokenizer = None

@@ -31,6 +31,7 @@ from importlib import import_module
 from pathlib import Path
 
 from pdengine import config as C
+from pdengine import distributed
 from pdengine.errors import CommandError, InputError
 
 PIPELINE = ("chunk", "generate", "answer", "prefill", "replay", "train", "eval")
@@ -79,8 +80,9 @@ class StagePlan:
     fingerprint: str = ""
 
 
-def _say(message: str) -> None:
-    print(f"[pdengine run] {message}", file=sys.stderr, flush=True)
+def _say(ctx, message: str) -> None:
+    if ctx.is_main:  # under torchrun the job says it once
+        print(f"[pdengine run] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the config file
@@ -163,7 +165,7 @@ def replay_wanted(config: dict) -> bool:
 def active_stages(config: dict, stages: list[str]) -> list[str]:
     """`stages` less the replay stage when it has nothing to do (said once on stderr)."""
     if "replay" in stages and not replay_wanted(config):
-        _say("replay: skipped (train.replay_fraction is 0, or train names its own replay_cache)")
+        _say(distributed.context(), "replay: skipped (train.replay_fraction is 0, or train names its own replay_cache)")
         return [s for s in stages if s != "replay"]
     return stages
 
@@ -388,54 +390,75 @@ def is_done(out: Path, stage: str, stage_fingerprint: str) -> bool:
 
 def run_pipeline(args) -> int:
     """`pdengine run`: check every section, then run the stages in order, skipping the
-    finished ones (see `pdengine run --help`)."""
-    from pdengine.input_hashes import InputHashes
-    from pdengine.io import atomic_write_json
-    from pdengine.locking import DirectoryLock
-
+    finished ones (see `pdengine run --help`). Under torchrun every rank runs every stage (each
+    stage splits its own work); rank 0 owns OUT: its lock, the input hashes, the done markers
+    and what is said, and its decisions (skip, start afresh) are every rank's."""
     config = load_config(args.config)
     stages = check_top_level(config)
+    ctx = distributed.context()
     if "eval" in stages and not config.get("eval_questions"):
-        _say("eval: skipped (no eval_questions in the config)")
+        _say(ctx, "eval: skipped (no eval_questions in the config)")
         stages.remove("eval")
     plans = plan_pipeline(config, stages)  # raises before OUT is touched
     check_documents_fit(config, plans)
     out = Path(config["out"])
-    with DirectoryLock(out, "pdengine run"):
-        hashes = InputHashes(out / ".pdengine" / "input-hashes.json")
-        upstream = ""
-        for plan in plans:
-            plan.fingerprint = upstream = fingerprint(plan, upstream, hashes)
-        hashes.save()
+    with distributed.main_holds_lock(ctx, out, "pdengine run"):
+        hashes = distributed.on_main(ctx, lambda: _fingerprint_plans(plans, out))  # sets rank 0's
+        for plan, digest in zip(plans, ctx.broadcast([p.fingerprint for p in plans])):
+            plan.fingerprint = digest
         redo = False
         for plan in plans:
             redo = redo or (args.force is not None and PIPELINE.index(plan.name) >= PIPELINE.index(args.force))
-            if not redo and is_done(out, plan.name, plan.fingerprint):
-                _say(f"{plan.name}: done already, skipped")
+            skip, fresh = ctx.broadcast((not redo and is_done(out, plan.name, plan.fingerprint),
+                                         redo or marker(out, plan.name).is_file()) if ctx.is_main else None)
+            if skip:
+                _say(ctx, f"{plan.name}: done already, skipped")
                 continue
-            fresh = redo or marker(out, plan.name).is_file()  # a changed fingerprint starts afresh
-            _run_stage(plan, out, fresh)
-            atomic_write_json(marker(out, plan.name), {"fingerprint": plan.fingerprint,
-                                                       "settings": C.to_dict(plan.settings),
-                                                       "inputs": {p: hashes.digest(p) for p in plan.inputs}})
+            _run_stage(ctx, plan, out, fresh)  # a changed fingerprint starts afresh
+            distributed.on_main(ctx, lambda: _mark_done(plan, out, hashes))
             redo = True  # everything after a stage that ran is redone
-    _say(f"finished; outputs in {out}")
+    _say(ctx, f"finished; outputs in {out}")
     return 0
 
 
-def _run_stage(plan: StagePlan, out: Path, fresh: bool) -> None:
-    marker(out, plan.name).unlink(missing_ok=True)  # an interrupted stage is never "done"
+def _fingerprint_plans(plans: list[StagePlan], out: Path):
+    """Each plan's fingerprint (its settings, inputs and everything upstream); the input hashes."""
+    from pdengine.input_hashes import InputHashes
+
+    hashes = InputHashes(out / ".pdengine" / "input-hashes.json")
+    upstream = ""
+    for plan in plans:
+        plan.fingerprint = upstream = fingerprint(plan, upstream, hashes)
+    hashes.save()
+    return hashes
+
+
+def _mark_done(plan: StagePlan, out: Path, hashes) -> None:
+    from pdengine.io import atomic_write_json
+
+    atomic_write_json(marker(out, plan.name), {"fingerprint": plan.fingerprint, "settings": C.to_dict(plan.settings),
+                                               "inputs": {p: hashes.digest(p) for p in plan.inputs}})
+
+
+def _run_stage(ctx, plan: StagePlan, out: Path, fresh: bool) -> None:
+    distributed.on_main(ctx, lambda: _clear_stage(plan, out, fresh))
     namespace = argparse.Namespace(**vars(plan.namespace))
     if "force" in CONTROLLED.get(plan.name, ()):  # a cache resumes when interrupted; others overwrite
         namespace.force = fresh if plan.name in RESUMABLE else True
     if plan.name == "train":
-        if fresh and (out / "train").exists():
-            shutil.rmtree(out / "train")  # the pipeline's own training directory
         namespace.resume = True  # continues an interrupted run; a fresh start otherwise
-    _say(f"{plan.name}: running")
+    _say(ctx, f"{plan.name}: running")
     try:
         code = plan.run(namespace)
+    except distributed.PeerFailed:
+        raise  # another rank's error, already named
     except InputError as e:
         raise InputError(f"[{plan.name}] {e}") from None
     if code:
         raise CommandError(f"stage {plan.name} failed (exit code {code})", code=int(code))
+
+
+def _clear_stage(plan: StagePlan, out: Path, fresh: bool) -> None:
+    marker(out, plan.name).unlink(missing_ok=True)  # an interrupted stage is never "done"
+    if plan.name == "train" and fresh and (out / "train").exists():
+        shutil.rmtree(out / "train")  # the pipeline's own training directory
