@@ -35,8 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def items():
-    return teacher_items(tiny_model(seed=7))  # another model's top-k: a loss far from zero
+def items(model=None):
+    return teacher_items(model or tiny_model(seed=7))  # another model's top-k: a loss far from zero
+
+
+def nf4_model(seed=0):
+    """An NF4 base (hidden 64: bitsandbytes' CPU kernels need in_features % 64 == 0)."""
+    from helpers import tiny_model as family_model
+    from train_helpers import VOCAB
+
+    from pdengine import qlora
+
+    dense = family_model("llama", vocab_size=VOCAB, seed=seed, tie_word_embeddings=False, hidden_size=64,
+                         intermediate_size=128)
+    return qlora.quantize_model(dense, "nf4")
+
+
+def nf4_run(out, **settings):
+    model = nf4_model()
+    return train(model, None, items(nf4_model(seed=7)), out, config(**settings), replay_cache=replay())
 
 
 def replay():
@@ -58,8 +75,11 @@ def _run_job(job: dict, rank: int) -> None:
         checkpoints.save_checkpoint = save_then_die
     cfg = config(**{**SETTINGS, **job.get("settings", {})})
     try:
-        result = train(tiny_model(), None, items(), job["out"], cfg, replay_cache=replay(),
-                       resume=job.get("resume", False))
+        if job.get("nf4"):
+            result = nf4_run(job["out"], **SETTINGS)
+        else:
+            result = train(tiny_model(), None, items(), job["out"], cfg, replay_cache=replay(),
+                           resume=job.get("resume", False))
     except InputError as e:
         result = {"error": str(e)}
     Path(job["out"], f"result-{rank}.json").write_text(json.dumps(result))
@@ -102,10 +122,12 @@ def assert_same_run(out: Path, reference: Path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process, then a 2-rank launch (a locked OUT, DDP, FSDP, FSDP stopped at step 4)
-    and a second one (the stopped FSDP job resumed; a DDP job killed after step 4)."""
+    """One process (plain and NF4 bases), then a 2-rank launch (a locked OUT, DDP, FSDP, FSDP
+    stopped at step 4) and a second one (the stopped FSDP job resumed; DDP on the NF4 base;
+    a DDP job killed after step 4)."""
     root = tmp_path_factory.mktemp("dist")
     train(tiny_model(), None, items(), root / "one", config(**SETTINGS), replay_cache=replay())
+    nf4_run(root / "nf4-one", **SETTINGS)
     locked = root / "locked"
     with DirectoryLock(locked, purpose="a test holding the lock"):
         launch([{"out": str(locked)}, {"out": str(root / "ddp")},
@@ -113,7 +135,7 @@ def runs(tmp_path_factory):
                 {"out": str(root / "fsdp-resumed"), "settings": {"fsdp": True, "max_steps": 4}}])
     with pytest.raises(Exception):  # rank 0 dies after step 4: the launcher stops rank 1
         launch([{"out": str(root / "fsdp-resumed"), "settings": {"fsdp": True}, "resume": True},
-                {"out": str(root / "killed"), "die_after_step": 4}])
+                {"out": str(root / "nf4"), "nf4": True}, {"out": str(root / "killed"), "die_after_step": 4}])
     return root
 
 
@@ -136,6 +158,10 @@ def test_fsdp_trains_the_one_process_adapter_and_checkpoints_with_dcp(runs):
 
 def test_fsdp_job_resumes_from_its_dcp_checkpoint(runs):
     assert_same_run(runs / "fsdp-resumed", runs / "one")
+
+
+def test_ddp_trains_an_nf4_base_like_one_process(runs):
+    assert_same_run(runs / "nf4", runs / "nf4-one")
 
 
 def test_killed_ddp_job_resumes_in_one_process(runs):
