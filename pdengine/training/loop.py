@@ -7,6 +7,11 @@ epoch), dropout is re-seeded from (seed, step), and a checkpoint holds adapter,
 optimizer, scheduler, RNG states and the data positions, so 4 steps + resume to 8 equal
 8 steps straight. The whole run holds the output directory's lock.
 
+Under torchrun every rank runs this loop on the same global batches and computes its share
+of each (`pdengine.training.parallel`: DDP by gradient sum; `pdengine.training.fsdp` with
+`fsdp`); rank 0 alone holds the lock, writes OUT and shows progress (docs/DESIGN.md,
+"Distributed").
+
 With `val_fraction`, a fixed share of the cache's QA pairs is held out (never trained on)
 and its mean loss per answer token, model in eval mode, is `val_loss` in metrics.jsonl
 every `eval_every` steps (0: every epoch's worth of steps) and at a run's last step.
