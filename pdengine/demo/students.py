@@ -105,8 +105,7 @@ _CONTEXT: dict = {}
 
 def _train_in_workers(stages, todo, out, cache, replay, cfg) -> dict:
     """{(loss, seed): run summary}, training `cfg.workers` runs at a time in forked processes."""
-    import pdengine.train  # noqa: F401 (imported once here, not in every worker)
-
+    _import_before_fork()
     _CONTEXT.update(out=out, cache=cache, replay=replay, cfg=cfg)
     # fork: the workers inherit the loaded modules and the caches (spawn would re-import
     # torch and transformers in each, and pickle the caches)
@@ -123,6 +122,21 @@ def _train_in_workers(stages, todo, out, cache, replay, cfg) -> dict:
     finally:
         _CONTEXT.clear()
     return summaries
+
+
+def _import_before_fork() -> None:
+    """What every run imports, imported once here so the workers inherit it: the trainer,
+    and peft (train() asks whether the model is a PEFT model), which imports bitsandbytes,
+    whose import warns once per process unless quantize.import_bitsandbytes silences it."""
+    import pdengine.train  # noqa: F401
+    from pdengine.errors import InputError
+    from pdengine.quantize import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+        import peft  # noqa: F401
+    except (InputError, ImportError):  # neither is needed by an unquantized run
+        pass
 
 
 def _worker_run(job):
