@@ -69,7 +69,9 @@ def main(argv=None) -> int:
         if os.environ.get("PDENGINE_DEBUG") == "1":
             raise
         if getattr(e, "shown", True):  # distributed.PeerFailed: another rank failed; rank 0 says so
-            print(f"pdengine {command}: error: {e}", file=sys.stderr)
+            # one write, line and newline together: under torchrun several ranks share stderr
+            sys.stderr.write(f"pdengine {command}: error: {e}\n")
+            sys.stderr.flush()
         return e.code if isinstance(e, CommandError) else 2
     finally:
         _leave_process_group()
