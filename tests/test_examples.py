@@ -84,7 +84,12 @@ def test_demo_recipe_matches_the_demo_settings():
     assert (generate.n_questions, generate.per_call, generate.prompt) == (demo.questions_per_document, 1,
                                                                          QUESTION_PROMPT)
     assert plans["eval"].rag_top_n == demo.rag_top_n
+    # the sampling temperatures: the header's "Measured" line holds only for the demo's own
+    assert (generate.temperature, plans["answer"].temperature) == (demo.question_temperature,
+                                                                  demo.answer_temperature)
+    assert (generate.seed, plans["answer"].seed, train.seed) == (demo.seed,) * 3
     raw = pipeline.load_config(EXAMPLES / "demo.yaml")
+    assert raw.get("quantize", "none") == demo.quantize  # the full-precision demo
     assert raw["train"]["replay_cache"] == "runs/demo/replay_cache"  # the demo's own replay data
     assert "replay" not in [p.name for p in _validate(raw)]
 
