@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import re
 from pathlib import Path
@@ -31,6 +32,42 @@ from pdengine.ops.lora_linear import lora_linear
 from pdengine.peft_format import KEY_PREFIX
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------ dropout at a row offset
+
+# The keep-mask hashes (seed, flat index of the layer's input): h = i * M_I + seed * M_S + c
+# mod 2**32 (`reference.dropout_keep_mask`). A rank computing the rows [t0, ...) of a batch
+# that one process computes whole sees local indices i - t0 * d_in; shifting the seed by
+# t0 * d_in * M_I / M_S (mod 2**32; M_S is odd, so invertible) gives it the one-process
+# mask without any kernel knowing about offsets (`pdengine.training.parallel`).
+_INDEX_MUL, _SEED_MUL = 0x9E3779B1, 0x85EBCA6B
+_SEED_SHIFT_PER_INDEX = _INDEX_MUL * pow(_SEED_MUL, -1, 1 << 32) % (1 << 32)
+_ROW_OFFSET = contextvars.ContextVar("pdengine_lora_dropout_row_offset", default=0)
+
+
+@contextlib.contextmanager
+def dropout_row_offset(rows: int):
+    """LoRA dropout inside this block draws the masks of input rows `rows`, `rows + 1`, ...
+    of a longer batch (the row = token index of the packed row)."""
+    token = _ROW_OFFSET.set(int(rows))
+    try:
+        yield
+    finally:
+        _ROW_OFFSET.reset(token)
+
+
+def dropout_seed(in_features: int):
+    """The dropout seed of one LoRA layer call: drawn as `lora_linear` draws it, shifted for
+    the current `dropout_row_offset` (unchanged at offset 0). In the signed 32-bit range:
+    every backend takes the seed mod 2**32."""
+    from pdengine.ops.lora_linear import draw_seed
+
+    seed, rows = draw_seed(), _ROW_OFFSET.get()
+    if rows == 0:
+        return seed
+    shifted = (seed + rows * in_features * _SEED_SHIFT_PER_INDEX) % (1 << 32)
+    return shifted - (1 << 32) if shifted >= 1 << 31 else shifted
 
 
 def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -93,7 +130,7 @@ class LoRALinear(_LoRAMixin, nn.Module):
         p = self.lora_dropout if self.training else 0.0
         return lora_linear(
             x.to(base.weight.dtype), base.weight, self.lora_A.weight, self.lora_B.weight,
-            self.scale, base.bias, p,
+            self.scale, base.bias, p, dropout_seed(self.in_features) if p > 0 else None,
         )
 
 

@@ -67,9 +67,10 @@ from __future__ import annotations
 from pdengine.training.batching import pack_examples, pack_teacher
 from pdengine.training.cli import add_arguments, config_from_args, run
 from pdengine.training.config import DEFAULT_TARGETS, LOSSES, MODES, RESUMABLE_SETTINGS, TrainConfig
-from pdengine.training.loop import TrainingError, train
+from pdengine.training.loop import TrainingError
 from pdengine.training.losses import batch_loss, compute_loss, online_kl_loss, pd_loss, sft_loss
 from pdengine.training.model_setup import prepare_model
+from pdengine.training.session import train
 from pdengine.training.sources import DataSource, ExampleSource
 
 __all__ = ["train", "TrainConfig", "TrainingError", "compute_loss", "batch_loss", "pd_loss", "sft_loss",

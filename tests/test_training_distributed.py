@@ -3,8 +3,8 @@ FSDP2 train the one-process adapter (relative difference <= 1e-5 after 8 steps),
 stopped job resumes, and an error on one rank stops both.
 
 Two launches of 2 processes run every distributed job (start-up costs seconds per launch);
-the one-process references run in the test process. LoRA dropout is 0: its masks hash the
-element index of a layer's input, which a split batch shifts (see docs/DESIGN.md).
+the one-process references run in the test process. LoRA dropout is on: a rank's share draws
+the one-process masks (`lora.dropout_row_offset`), except on the NF4 base (dropout 0 there).
 """
 import json
 import os
@@ -25,7 +25,9 @@ from pdengine.train import train
 
 # 8 items, 2 held out, 3 per batch (24 tokens): 2 batches an epoch; 5 epochs, stopped at 8 steps.
 # The replay examples make every step split two batches; the held-out pair a validation loss.
-SETTINGS = dict(epochs=5, max_steps=8, save_every=4, val_fraction=0.25, replay_fraction=0.25, eval_every=4)
+SETTINGS = dict(epochs=5, max_steps=8, save_every=4, val_fraction=0.25, replay_fraction=0.25, eval_every=4,
+                lora_dropout=0.2)
+NF4_SETTINGS = dict(SETTINGS, lora_dropout=0.0)  # QuantizedLoRALinear draws its masks per share
 TOLERANCE = 1e-5
 
 
@@ -76,7 +78,7 @@ def _run_job(job: dict, rank: int) -> None:
     cfg = config(**{**SETTINGS, **job.get("settings", {})})
     try:
         if job.get("nf4"):
-            result = nf4_run(job["out"], **SETTINGS)
+            result = nf4_run(job["out"], **NF4_SETTINGS)
         else:
             result = train(tiny_model(), None, items(), job["out"], cfg, replay_cache=replay(),
                            resume=job.get("resume", False))
@@ -127,7 +129,7 @@ def runs(tmp_path_factory):
     a DDP job killed after step 4)."""
     root = tmp_path_factory.mktemp("dist")
     train(tiny_model(), None, items(), root / "one", config(**SETTINGS), replay_cache=replay())
-    nf4_run(root / "nf4-one", **SETTINGS)
+    nf4_run(root / "nf4-one", **NF4_SETTINGS)
     locked = root / "locked"
     with DirectoryLock(locked, purpose="a test holding the lock"):
         launch([{"out": str(locked)}, {"out": str(root / "ddp")},
@@ -165,8 +167,8 @@ def test_ddp_trains_an_nf4_base_like_one_process(runs):
 
 
 def test_killed_ddp_job_resumes_in_one_process(runs):
-    """Killed after its step-4 checkpoint; resumed by one process (another N is fine without
-    dropout: the checkpoint is the replicated state)."""
+    """Killed after its step-4 checkpoint; resumed by one process (another N is fine: the
+    checkpoint is the replicated state, and the dropout masks do not depend on the split)."""
     killed = runs / "killed"
     assert (killed / "checkpoints" / "step-0000004.safetensors").exists()
     assert not (killed / "adapter").exists()
@@ -182,13 +184,19 @@ def test_an_error_on_one_rank_stops_both(runs):
     assert not (runs / "locked" / "run.json").exists()
 
 
-def test_resume_with_another_number_of_ranks_is_refused_with_dropout():
+def test_another_number_of_ranks_is_refused_only_with_dropout_on_a_quantized_base():
+    from pdengine import add_lora
     from pdengine.training.loop import Trainer
 
-    trainer = SimpleNamespace(ctx=Context(), config=config(lora_dropout=0.1))
-    with pytest.raises(InputError, match="trained by 2 rank.*this job has 1.*resume with 2"):
+    def check(model, dropout):
+        trainer = SimpleNamespace(ctx=Context(), config=config(lora_dropout=dropout), model=model)
         Trainer._check_world_size(trainer, Path("step-0000004.safetensors"), 2)
-    Trainer._check_world_size(SimpleNamespace(ctx=Context(), config=config()), Path("x"), 2)  # no dropout: fine
+
+    nf4 = add_lora(nf4_model(), 4, 8.0, dropout=0.1)
+    with pytest.raises(InputError, match="trained by 2 rank.*this job has 1.*quantized base.*resume with 2"):
+        check(nf4, 0.1)
+    check(nf4, 0.0)
+    check(add_lora(tiny_model(), 4, 8.0, dropout=0.1), 0.1)  # plain LoRA: the masks follow the rows
 
 
 def test_fsdp_needs_torchrun(tmp_path):
@@ -196,6 +204,24 @@ def test_fsdp_needs_torchrun(tmp_path):
         train(tiny_model(), None, items(), tmp_path / "out", config(fsdp=True))
     with pytest.raises(InputError, match="fsdp_bf16 .* needs fsdp"):
         config(fsdp_bf16=True)
+
+
+def test_a_share_draws_the_one_process_dropout_masks():
+    """Rows [t0, T) of a layer input under dropout_row_offset(t0) get the masks of the whole."""
+    from pdengine import add_lora, lora
+
+    layer = add_lora(torch.nn.Sequential(torch.nn.Linear(8, 6)), 4, 8.0, dropout=0.5, target_modules=["0"])[0]
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(12, 8)
+    torch.manual_seed(3)
+    whole = layer(x)
+    for t0 in (1, 5):
+        torch.manual_seed(3)
+        with lora.dropout_row_offset(t0):
+            assert torch.allclose(layer(x[t0:]), whole[t0:], atol=1e-6)
+    torch.manual_seed(3)
+    assert not torch.allclose(layer(x[5:]), whole[5:], atol=1e-3)  # without the offset: other masks
 
 
 def test_split_batch_keeps_whole_sequences_and_every_answer_token():

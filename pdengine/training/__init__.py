@@ -7,7 +7,10 @@
     model_setup.py  LoRA added or kept, everything else frozen
     checkpoints.py  pickle-free checkpoints (safetensors + JSON)
     run_dir.py      run.json, metrics.jsonl, what a resume may change
-    loop.py         Trainer and train()
+    loop.py         Trainer: micro-steps, optimizer step, validation, the step loop
+    session.py      train(): lock, settings, checks, resume, the final adapter
+    parallel.py     under torchrun: the batch split by sequences, the LoRA gradient sum
+    fsdp.py         --fsdp: FSDP2 per decoder layer, DCP checkpoints, the gathered adapter
     cli.py          `pdengine train`
 
 `pdengine.train` re-exports the public names.

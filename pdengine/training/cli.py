@@ -16,7 +16,8 @@ from pdengine import config as settings
 from pdengine.errors import InputError
 from pdengine.training import advice, run_dir
 from pdengine.training.config import TrainConfig
-from pdengine.training.loop import TrainingError, train
+from pdengine.training.loop import TrainingError
+from pdengine.training.session import train
 
 _PATHS = ("model", "cache", "replay_cache")
 

@@ -1,4 +1,5 @@
-"""The training loop: `train(model, tokenizer, cache, out_dir, config)` (docs/DESIGN.md, "Training").
+"""The training loop: the `Trainer` that `train()` (`pdengine.training.session`) drives
+(docs/DESIGN.md, "Training").
 
 One optimizer step = `grad_accum` micro-batches of the main source (plus, with replay,
 a replay batch mixed into each: loss = (1 - f) * loss(main) + f * loss(replay)), one
@@ -20,23 +21,20 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from pdengine import distributed, modeling
 from pdengine.errors import InputError
-from pdengine.loading import attention_implementation_of
-from pdengine.locking import DirectoryLock
-from pdengine.training import checkpoints, fsdp, parallel, prompt_record, run_dir, tensorboard_log
+from pdengine.training import checkpoints, fsdp, parallel, run_dir, tensorboard_log
 from pdengine.training.batching import mix_seed, pack_teacher
 from pdengine.training.config import TrainConfig
 from pdengine.training.losses import compute_loss, to_device
 from pdengine.training.model_setup import prepare_model
-from pdengine.training.sources import DataSource, Stream, as_source, split_validation
+from pdengine.training.sources import DataSource, Stream
 
 
 class TrainingError(RuntimeError):
@@ -124,12 +122,17 @@ class Trainer:
         self.committed = self._position()
 
     def _check_world_size(self, path: Path, saved: int) -> None:
-        """Another number of ranks splits the batches differently: the same result (up to float
-        order) without LoRA dropout; with it the masks fall on other tokens, so it is refused."""
-        if saved != self.ctx.world_size and self.config.lora_dropout > 0:
-            raise InputError(f"{path} was trained by {saved} rank(s), this job has {self.ctx.world_size}: with "
-                             f"lora_dropout {self.config.lora_dropout} the dropout masks depend on the split, so "
-                             f"resume with {saved} rank(s) (without dropout any number works)")
+        """Another number of ranks splits the batches differently: the same result up to float
+        order, dropout masks included (`lora.dropout_row_offset`), except on a quantized base,
+        whose LoRA layers draw masks of their own share: with dropout there it is refused."""
+        from pdengine.lora import LoRALinear, lora_modules
+
+        split_dependent = any(isinstance(m, LoRALinear) and type(m) is not LoRALinear
+                              for m in lora_modules(self.model).values())
+        if saved != self.ctx.world_size and self.config.lora_dropout > 0 and split_dependent:
+            raise InputError(f"{path} was trained by {saved} rank(s), this job has {self.ctx.world_size}: on a "
+                             f"quantized base with lora_dropout {self.config.lora_dropout} the dropout masks "
+                             f"depend on the split, so resume with {saved} rank(s)")
 
     def checkpoint(self) -> Path:
         """Save the step's checkpoint: rank 0 alone (DDP: the state is replicated) or, with
@@ -162,23 +165,40 @@ class Trainer:
         with ctx:
             return compute_loss(self.model, batch, self.config, validate=validate)
 
-    def _share_loss(self, batch, source: DataSource) -> torch.Tensor:
-        """This rank's part of the batch's mean loss: its sequences' mean times their share
-        of the answer tokens, so the ranks' parts sum to the one-process mean
-        (`pdengine.training.parallel`). One process: the batch's mean loss."""
-        if not self.ctx.distributed:
-            return self._loss(batch, source)
+    def _share_step(self, batch, source: DataSource, weight: float) -> torch.Tensor:
+        """Forward + backward of this rank's share of `batch`: its sequences' mean loss times
+        their share of the answer tokens (and `weight`), so the ranks' parts sum to the
+        one-process loss (`pdengine.training.parallel`). Forward and backward run under the
+        share's dropout row offset (a recomputing backward, with grad_checkpointing, needs it
+        too), hence one backward per batch. Returns the detached part."""
+        from pdengine.lora import dropout_row_offset
+
         local, n_local, n_total = parallel.split_batch(batch, self.ctx.rank, self.ctx.world_size)
-        return self._loss(local, source) * (n_local / n_total)
+        with dropout_row_offset(local["token_offset"]):
+            loss = self._loss(local, source) * (weight * n_local / n_total)
+            (loss / self.config.grad_accum).backward()
+        return loss.detach()
+
+    def _distributed_micro_step(self, batch) -> torch.Tensor:
+        f = self.config.replay_fraction
+        loss = self._share_step(batch, self.cache, 1.0 if self.replay is None else 1 - f)
+        if self.replay is not None:
+            replay = self.replay.next()
+            loss = loss + self._share_step(replay, self.replay.source, f)
+            self.tokens += replay["input_ids"].numel()
+        self.tokens += batch["input_ids"].numel()
+        return loss
 
     def micro_step(self, batch) -> torch.Tensor:
         """Forward + backward of one micro-batch (plus its replay share); the detached loss
         (this rank's part under torchrun; `optimizer_step` sums the parts)."""
+        if self.ctx.distributed:
+            return self._distributed_micro_step(batch)
         f = self.config.replay_fraction
-        loss = self._share_loss(batch, self.cache)
+        loss = self._loss(batch, self.cache)
         if self.replay is not None:
             replay = self.replay.next()
-            loss = (1 - f) * loss + f * self._share_loss(replay, self.replay.source)
+            loss = (1 - f) * loss + f * self._loss(replay, self.replay.source)
             self.tokens += replay["input_ids"].numel()
         (loss / self.config.grad_accum).backward()
         self.tokens += batch["input_ids"].numel()
@@ -276,148 +296,3 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.checkpoint()
         return rows
-
-
-def _progress_bar(total, initial, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
-                dynamic_ncols=True)
-
-
-def _resolve_config(out: Path, config: TrainConfig | None, resume: bool):
-    """(config, the saved run or None): a resume without a config takes run.json's."""
-    run = run_dir.read_run(out) if resume else None
-    if run is not None and config is None:
-        config = run_dir.saved_config(run, out)
-    config = config or TrainConfig()
-    config.validate()
-    return config, run
-
-
-def train(model, tokenizer, cache, out_dir, config: TrainConfig | None = None, *, replay_cache=None,
-          resume: bool = False) -> dict:
-    """Train a LoRA student on a teacher cache; see the `pdengine.train` docstring.
-
-    model: a loaded HF causal LM (LoRA is added from `config` when it has none; all
-        non-LoRA parameters are frozen). tokenizer: checked against the cache.
-    cache: a `TeacherCache` (or a list of cache items). replay_cache: optional
-        TeacherCache or list of examples mixed in with `config.replay_fraction`.
-    resume: continue the run in out_dir (a fresh start if it holds none); `config=None`
-        takes the run's own settings, a given config may differ only in what does not
-        change the result (`RESUMABLE_SETTINGS`: max_steps, save_every, progress, ...).
-
-    Returns dict(steps, epochs, first_loss, final_loss, val_loss (the last; None without
-    val_fraction), tokens, seconds, tokens_per_s,
-    adapter, checkpoint). Raises InputError on bad input, TrainingError on a non-finite loss.
-    """
-    out, ctx = Path(out_dir), distributed.context()
-    with ExitStack() as stack:  # rank 0 holds OUT's lock for the whole run (under torchrun: for the job)
-        config, run = parallel.on_every_rank(ctx, lambda: _open_run(stack, ctx, out, config, resume))
-        config = ctx.broadcast(config)  # run.json is read by rank 0 only: other nodes need not see OUT
-        cache, replay, identities = parallel.on_every_rank(
-            ctx, lambda: _check_run(ctx, model, tokenizer, cache, replay_cache, out, config, run, resume))
-        return _train_locked(model, cache, replay, out, config, resume, identities, ctx)
-
-
-def _open_run(stack: ExitStack, ctx, out: Path, config, resume: bool):
-    """Rank 0: take OUT's lock, read the run's settings. Other ranks: (None, None)."""
-    if not ctx.is_main:
-        return None, None
-    stack.enter_context(DirectoryLock(out, purpose="pdengine train"))
-    return _resolve_config(out, config, resume)
-
-
-def _check_run(ctx, model, tokenizer, cache, replay_cache, out: Path, config: TrainConfig, run, resume: bool):
-    """Every rank checks its data against its model; rank 0 checks OUT (a resume keeps the run)."""
-    if config.fsdp and not ctx.distributed:
-        raise InputError("fsdp shards the model across the processes of a torchrun job: launch with "
-                         "torchrun --nproc_per_node N (N > 1), or train without --fsdp")
-    cache, replay = _sources(model, tokenizer, cache, replay_cache, config)
-    identities = (cache.identity(), replay.identity() if replay is not None else None)
-    if not ctx.is_main:
-        return cache, replay, identities
-    if run is not None:
-        run_dir.check_resume(out, run, config, *identities)
-    elif resume and checkpoints.latest_checkpoint(out) is not None:
-        raise InputError(f"{out} holds checkpoints but no run.json: it is not known what run they "
-                         f"belong to; remove {out} to start afresh")
-    else:
-        run_dir.check_fresh(out)
-    checkpoints.remove_stale_temp_files(out)
-    return cache, replay, identities
-
-
-def _sources(model, tokenizer, cache, replay_cache, config: TrainConfig):
-    cache = as_source(cache, "cache")
-    replay = as_source(replay_cache, "replay_cache")
-    if config.replay_fraction > 0 and replay is None:
-        raise InputError("replay_fraction > 0 needs replay_cache (a TeacherCache or a list of examples)")
-    if config.replay_fraction == 0:
-        replay = None  # unused: neither trained on nor part of the run's identity
-    temperature = config.temperature if config.loss == "pd" else None
-    for source in (cache, replay):
-        if source is not None:
-            source.check_compatible(model, tokenizer, temperature)
-    return cache, replay
-
-
-def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: bool, identities, ctx) -> dict:
-    was_training = model.training
-    model.train()
-    trained, val = split_validation(cache, config.val_fraction)
-    trainer = parallel.on_every_rank(ctx, lambda: Trainer(model, trained, out, config, replay, val, ctx))
-    latest = ctx.broadcast(checkpoints.latest_checkpoint(out) if resume and ctx.is_main else None)
-    if latest is not None:
-        trainer.restore(latest)
-    main = ctx.is_main  # only rank 0 writes OUT and shows progress
-    if resume and main:
-        run_dir.repair_metrics(out, trainer.step)
-    name = str(getattr(model.config, "_name_or_path", "") or "")
-    prompt = prompt_record.prompt_of(cache)
-    attn = attention_implementation_of(model)
-    if main:
-        trainer.on_first_step = lambda: run_dir.write_run(out, config, *identities, name, prompt, attn)
-    started = time.perf_counter()
-    progress = _progress_bar(trainer.total_steps, trainer.step, config.progress and main)
-    writer = tensorboard_log.open_writer(out, config.tensorboard) if main else None
-    try:
-        rows = trainer.run(progress, writer)
-    except KeyboardInterrupt:
-        progress.close()
-        # FSDP's checkpoint is collective: an interrupted job resumes from its last saved one.
-        if trainer.step > 0 and not trainer.sharded:  # before the first step there is no run to continue
-            path = trainer.checkpoint()
-            if main:
-                print(f"\ninterrupted: checkpoint of step {trainer.step} saved to {path}; continue with --resume",
-                      file=sys.stderr)
-        raise
-    finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
-        model.train(was_training)
-    return _finish(model, trainer, rows, out, time.perf_counter() - started)
-
-
-def _finish(model, trainer: Trainer, rows: list, out: Path, seconds: float) -> dict:
-    from pdengine.lora import save_adapter
-
-    checkpoint = trainer.checkpoint()
-    if trainer.sharded:
-        fsdp.save_adapter(trainer.ctx, model, out / "adapter")
-    elif trainer.ctx.is_main:
-        save_adapter(model, out / "adapter")
-    trainer.ctx.barrier()  # every rank returns once the adapter is written
-    return {
-        "steps": trainer.step,
-        "epochs": trainer.epochs_run(),
-        "first_loss": rows[0]["loss"] if rows else None,
-        "final_loss": rows[-1]["loss"] if rows else None,
-        "val_loss": next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None),
-        "tokens": trainer.tokens,
-        "seconds": seconds,
-        "tokens_per_s": trainer.tokens / max(seconds, 1e-9),
-        "adapter": str(out / "adapter"),
-        "checkpoint": str(checkpoint),
-    }

@@ -17,6 +17,11 @@ the same global batches and keeps only its share. With FSDP2 (`pdengine.training
 the sharded LoRA gradients are summed by FSDP's reduce-scatter and only the replicated
 ones (outside the decoder body, e.g. an lm_head adapter) go through `sync_gradients`.
 
+LoRA dropout draws the one-process masks: each share runs its forward and backward under
+`lora.dropout_row_offset(token_offset)`, which shifts the layer's dropout seed so that the
+keep-mask of local row t is the one of packed row token_offset + t. (Not for a quantized
+base's `QuantizedLoRALinear`, pdengine/qlora.py, which draws its own seeds.)
+
 A rank whose share is empty (a batch with fewer sequences than ranks) still runs a forward
 and backward, on the batch's first sequence with weight 0: its gradient is zero but it
 takes part in every collective (FSDP's all-gathers, the all-reduce).
@@ -69,17 +74,19 @@ def _slice(batch: dict, first: int, last: int, starts: list[int], rows: list[int
     part["segment_ids"] = batch["segment_ids"][t0:t1] - first
     part["target_positions"] = batch["target_positions"][r0:r1] - t0
     part["indices"] = list(batch["indices"])[first:last]
+    part["token_offset"] = t0  # where the share starts in the packed row: its dropout rows
     return part
 
 
 def split_batch(batch: dict, rank: int, world_size: int) -> tuple[dict, int, int]:
     """(this rank's share of a packed batch, its answer tokens, the batch's answer tokens).
 
-    The share holds whole sequences; an empty share is the first sequence with 0 tokens
+    The share holds whole sequences and `token_offset`, the packed-row index of its first
+    token (`lora.dropout_row_offset`); an empty share is the first sequence with 0 tokens
     counted (see the module docstring)."""
     total_rows = int(batch["labels"].shape[0])
     if world_size == 1:
-        return batch, total_rows, total_rows
+        return {**batch, "token_offset": 0}, total_rows, total_rows
     segments = batch["segment_ids"]
     n_seq = len(batch["indices"])
     lengths = torch.bincount(segments, minlength=n_seq).tolist()
