@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import re
 from pathlib import Path
@@ -43,29 +42,31 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 # mask without any kernel knowing about offsets (`pdengine.training.parallel`).
 _INDEX_MUL, _SEED_MUL = 0x9E3779B1, 0x85EBCA6B
 _SEED_SHIFT_PER_INDEX = _INDEX_MUL * pow(_SEED_MUL, -1, 1 << 32) % (1 << 32)
-_ROW_OFFSET = contextvars.ContextVar("pdengine_lora_dropout_row_offset", default=0)
+_ROW_OFFSET = [0]  # a plain global, not a ContextVar: torch.compile(fullgraph=True) reads it
 
 
 @contextlib.contextmanager
 def dropout_row_offset(rows: int):
     """LoRA dropout inside this block draws the masks of input rows `rows`, `rows + 1`, ...
     of a longer batch (the row = token index of the packed row)."""
-    token = _ROW_OFFSET.set(int(rows))
+    previous, _ROW_OFFSET[0] = _ROW_OFFSET[0], int(rows)
     try:
         yield
     finally:
-        _ROW_OFFSET.reset(token)
+        _ROW_OFFSET[0] = previous
 
 
 def dropout_seed(in_features: int):
-    """The dropout seed of one LoRA layer call: drawn as `lora_linear` draws it, shifted for
-    the current `dropout_row_offset` (unchanged at offset 0). In the signed 32-bit range:
-    every backend takes the seed mod 2**32."""
+    """The dropout seed of one LoRA layer call: None (`lora_linear` draws it, the one-process
+    path, torch.compile included) at offset 0, else a seed drawn the same way and shifted for
+    the current `dropout_row_offset`, in the signed 32-bit range (every backend takes it
+    mod 2**32)."""
     from pdengine.ops.lora_linear import draw_seed
 
-    seed, rows = draw_seed(), _ROW_OFFSET.get()
+    rows = _ROW_OFFSET[0]
     if rows == 0:
-        return seed
+        return None
+    seed = draw_seed()
     shifted = (seed + rows * in_features * _SEED_SHIFT_PER_INDEX) % (1 << 32)
     return shifted - (1 << 32) if shifted >= 1 << 31 else shifted
 
