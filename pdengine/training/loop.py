@@ -69,7 +69,9 @@ class Trainer:
         self.ctx = ctx or distributed.Context()
         self.device = modeling.output_layer(model).weight.device
         self.autocast = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
-        self.params = prepare_model(model, config)
+        # A bad init_adapter path (seen by one node only, say) must stop every rank before the
+        # collectives below.
+        self.params = parallel.on_every_rank(self.ctx, lambda: prepare_model(model, config))
         parallel.broadcast_parameters(self.ctx, self.params.values())  # before FSDP shards them
         self.sharded = config.fsdp  # train() checks that it runs under torchrun
         if self.sharded:

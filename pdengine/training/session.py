@@ -111,7 +111,7 @@ def _train_locked(model, cache, replay, out: Path, config: TrainConfig, resume: 
     was_training = model.training
     model.train()
     trained, val = split_validation(cache, config.val_fraction)
-    trainer = parallel.on_every_rank(ctx, lambda: Trainer(model, trained, out, config, replay, val, ctx))
+    trainer = Trainer(model, trained, out, config, replay, val, ctx)  # its checks end every rank alike
     latest = ctx.broadcast(checkpoints.latest_checkpoint(out) if resume and ctx.is_main else None)
     if latest is not None:
         trainer.restore(latest)
