@@ -252,3 +252,23 @@ def test_fsdp_refuses_a_quantized_base_and_says_ddp_works():
     nf4 = qlora.quantize_model(family_model("llama", hidden_size=64, intermediate_size=128), "nf4")
     with pytest.raises(InputError, match="cannot shard a quantized base .*Params4bit.*without --fsdp"):
         fsdp.refuse_quantized(nf4)
+
+
+def test_torchrun_cli_error_on_rank_0_stops_rank_1(tmp_path):
+    """`torchrun -m pdengine train` as a user runs it: OUT already holds a run, rank 0 says so
+    before any model loads and rank 1 stops with it, silently (exit 2 each, torchrun fails)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "pdengine", "train", "--model", "m",
+                           "--cache", "c", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1], env=env)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("pdengine train: error:")]
+    assert len(errors) == 1 and "already holds a run" in errors[0]  # one line for the job
+    assert done.stderr.count("exitcode  : 2") == 2  # both ranks: the InputError exit, no crash
