@@ -17,7 +17,7 @@ from pdengine.errors import InputError
 from pdengine.training import advice, run_dir
 from pdengine.training.config import TrainConfig
 from pdengine.training.loop import TrainingError
-from pdengine.training.session import train
+from pdengine.training.session import check_launch, train
 
 _PATHS = ("model", "cache", "replay_cache")
 
@@ -78,6 +78,7 @@ def run(args) -> int:
     config = config_from_args(args, base)
     if run_record is not None:  # refuse a changed setting before the model loads
         run_dir.refuse_changes(out, run_dir.setting_changes(out, run_record, config))
+    check_launch(ctx, config)  # before a model too big for one device loads
     paths = _paths(args, run_record)
     model, tokenizer = load_from_args(args, training=True, path=paths["model"])  # --attn-implementation, --quantize
     warning = None if args.resume else advice.small_model_warning(model, config)

@@ -65,6 +65,12 @@ def train(model, tokenizer, cache, out_dir, config: TrainConfig | None = None, *
         return _train_locked(model, cache, replay, out, config, resume, identities, ctx)
 
 
+def check_launch(ctx, config: TrainConfig) -> None:
+    if config.fsdp and not ctx.distributed:
+        raise InputError("fsdp shards the model across the processes of a torchrun job: launch with "
+                         "torchrun --nproc_per_node N (N > 1), or train without --fsdp")
+
+
 def _open_run(stack: ExitStack, ctx, out: Path, config, resume: bool):
     """Rank 0: take OUT's lock, read the run's settings. Other ranks: (None, None)."""
     if not ctx.is_main:
@@ -75,9 +81,7 @@ def _open_run(stack: ExitStack, ctx, out: Path, config, resume: bool):
 
 def _check_run(ctx, model, tokenizer, cache, replay_cache, out: Path, config: TrainConfig, run, resume: bool):
     """Every rank checks its data against its model; rank 0 checks OUT (a resume keeps the run)."""
-    if config.fsdp and not ctx.distributed:
-        raise InputError("fsdp shards the model across the processes of a torchrun job: launch with "
-                         "torchrun --nproc_per_node N (N > 1), or train without --fsdp")
+    check_launch(ctx, config)
     cache, replay = _sources(model, tokenizer, cache, replay_cache, config)
     identities = (cache.identity(), replay.identity() if replay is not None else None)
     if not ctx.is_main:
