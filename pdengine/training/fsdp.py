@@ -57,12 +57,17 @@ def decoder_layers(model) -> list:
 
 
 def shard_model(model, ctx, bf16: bool) -> None:
-    """fully_shard every decoder layer, then the body; gradients summed over ranks."""
+    """fully_shard every decoder layer, then the body; gradients summed over ranks.
+
+    The mesh is on this rank's device (`ctx.device()`, the process group's): fully_shard moves
+    a module loaded on the CPU there as it shards it, one layer at a time, and the replicated
+    lm_head is moved after. So a base loaded on the CPU never sits whole on one GPU; today's
+    `pdengine train` loads it on the GPU (see docs/DESIGN.md, "Distributed")."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     refuse_quantized(model)
-    device = modeling.output_layer(model).weight.device
+    device = ctx.device()
     mesh = init_device_mesh(device.type, (ctx.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
@@ -70,6 +75,7 @@ def shard_model(model, ctx, bf16: bool) -> None:
     for layer in decoder_layers(model):
         sharded.append(fully_shard(layer, mesh=mesh, mp_policy=policy))
     sharded.append(fully_shard(modeling.model_body(model), mesh=mesh, mp_policy=policy))
+    modeling.output_layer(model).to(device)
     for module in sharded:
         module.set_gradient_divide_factor(1.0)
         # A plain SUM: gloo has neither PREMUL_SUM (what factor 1 would use) nor AVG.

@@ -67,8 +67,6 @@ class Trainer:
                  val: DataSource | None = None, ctx: distributed.Context | None = None):
         self.model, self.cache, self.out, self.config, self.val = model, cache, out, config, val
         self.ctx = ctx or distributed.Context()
-        self.device = modeling.output_layer(model).weight.device
-        self.autocast = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         # A bad init_adapter path (seen by one node only, say) must stop every rank before the
         # collectives below.
         self.params = parallel.on_every_rank(self.ctx, lambda: prepare_model(model, config))
@@ -77,6 +75,8 @@ class Trainer:
         if self.sharded:
             fsdp.shard_model(model, self.ctx, config.fsdp_bf16)
             self.params = fsdp.trainable(model)
+        self.device = modeling.output_layer(model).weight.device  # after FSDP placed the model
+        self.autocast = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
         n_batches = cache.num_batches(config.batch_tokens, seed=config.seed, epoch=0, shuffle=True)
         if n_batches == 0:

@@ -108,9 +108,15 @@ def broadcast_parameters(ctx: Context, params) -> None:
     if ctx.distributed:
         import torch.distributed as dist
 
+        device = ctx.device()  # the process group's (NCCL takes CUDA tensors only)
         with torch.no_grad():
             for p in params:
-                dist.broadcast(p.data, src=0)
+                if p.device == device:
+                    dist.broadcast(p.data, src=0)
+                else:  # a model still on the CPU, to be placed by FSDP
+                    buffer = p.data.to(device)
+                    dist.broadcast(buffer, src=0)
+                    p.data.copy_(buffer)
 
 
 def is_sharded(tensor) -> bool:
