@@ -55,6 +55,8 @@ def train(model, tokenizer, cache, out_dir, config: TrainConfig | None = None, *
     Returns dict(steps, epochs, first_loss, final_loss, val_loss (the last; None without
     val_fraction), tokens, seconds, tokens_per_s,
     adapter, checkpoint). Raises InputError on bad input, TrainingError on a non-finite loss.
+    With `config.fsdp` the model stays sharded (FSDP2) afterwards: use the saved adapter on a
+    freshly loaded base.
     """
     out, ctx = Path(out_dir), distributed.context()
     with ExitStack() as stack:  # rank 0 holds OUT's lock for the whole run (under torchrun: for the job)
