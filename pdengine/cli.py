@@ -59,7 +59,9 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        _leave_process_group(finished=code == 0)
+        return code
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:
@@ -77,12 +79,13 @@ def main(argv=None) -> int:
         _leave_process_group()
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(finished: bool = False) -> None:
     """Under torchrun a command that joined the process group leaves it at the end (the
-    module is only loaded, and torch.distributed only touched, when a stage used it)."""
+    module is only loaded, and torch.distributed only touched, when a stage used it);
+    `finished`: without error on this rank, so it waits for the others first."""
     module = sys.modules.get("pdengine.distributed")
     if module is not None:
-        module.shutdown()
+        module.shutdown(finished)
 
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:

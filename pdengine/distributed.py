@@ -192,9 +192,14 @@ def context() -> Context:
     return _CONTEXT
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a command)."""
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group (end of a command). `finished`: every rank got here without an
+    error, so they first wait for each other; gloo aborts a process ("terminate called without
+    an active exception") that tears its group down while a peer is still talking to it. After
+    an error no rank waits (the failed one may never come), and torchrun ends the job."""
     global _CONTEXT
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
     _CONTEXT = None
