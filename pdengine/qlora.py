@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pdengine.errors import InputError
-from pdengine.lora import LoRALinear  # pdengine.lora imports this module lazily, inside functions
+from pdengine.lora import LoRALinear, dropout_seed  # pdengine.lora imports this module lazily, inside functions
 from pdengine.quantize import (
     NF4_BLOCKSIZE, is_linear4bit, compute_dtype_for, disable_cpu_repacking, import_bitsandbytes,
     is_quantized_linear, nf4_weight, parse_quantize, pin_int8_forward, refuse_misdecoded_cpu_shapes,
@@ -64,15 +64,17 @@ class QuantizedLoRALinear(LoRALinear):
         if self.disabled:
             return base(x)
         p = self.lora_dropout if self.training else 0.0
+        # under torchrun a rank's share of the packed row draws the one-process masks
+        seed = dropout_seed(self.in_features) if p > 0 else None
         if is_linear4bit(base):
             from pdengine.ops.lora_linear_nf4 import lora_linear_nf4
 
             compute = base.compute_dtype or x.dtype
             bias = None if base.bias is None else base.bias.to(compute)
             y = lora_linear_nf4(x.to(compute), self._packed_weight(), self.lora_A.weight, self.lora_B.weight,
-                                self.scale, bias, p)
+                                self.scale, bias, p, seed)
             return y.to(x.dtype)
-        return base(x) + self._low_rank(x, p).to(x.dtype)
+        return base(x) + self._low_rank(x, p, seed).to(x.dtype)
 
     def _packed_weight(self):
         """The base's NF4Weight, built once per placement of its bytes: reading the nested
@@ -82,15 +84,16 @@ class QuantizedLoRALinear(LoRALinear):
             self._nf4_key, self._nf4 = key, nf4_weight(self.base_layer)
         return self._nf4
 
-    def _low_rank(self, x, p):
-        """s * B(A(dropout(x))) with the engine's keep-mask (`reference.dropout_keep_mask`)."""
+    def _low_rank(self, x, p, seed):
+        """s * B(A(dropout(x))) with the engine's keep-mask (`reference.dropout_keep_mask`)
+        under `seed` (None: a fresh one, as `lora_linear` draws it)."""
         from pdengine import reference
         from pdengine.ops.lora_linear import draw_seed
 
         a = self.lora_A.weight
         xd = x.to(a.dtype)
         if p > 0:
-            keep = reference.dropout_keep_mask(x.shape, p, draw_seed(), device=x.device)
+            keep = reference.dropout_keep_mask(x.shape, p, draw_seed() if seed is None else seed, device=x.device)
             xd = torch.where(keep, xd / (1 - p), torch.zeros_like(xd))
         return self.scale * (xd @ a.T) @ self.lora_B.weight.T
 

@@ -27,7 +27,7 @@ from pdengine.train import train
 # The replay examples make every step split two batches; the held-out pair a validation loss.
 SETTINGS = dict(epochs=5, max_steps=8, save_every=4, val_fraction=0.25, replay_fraction=0.25, eval_every=4,
                 lora_dropout=0.2)
-NF4_SETTINGS = dict(SETTINGS, lora_dropout=0.0)  # QuantizedLoRALinear draws its masks per share
+NF4_SETTINGS = SETTINGS  # dropout 0.2 on the NF4 base too: its shares draw the one-process masks
 TOLERANCE = 1e-5
 
 
@@ -184,21 +184,6 @@ def test_an_error_on_one_rank_stops_both(runs):
     assert not (runs / "locked" / "run.json").exists()
 
 
-def test_another_number_of_ranks_is_refused_only_with_dropout_on_a_quantized_base():
-    from pdengine import add_lora
-    from pdengine.training.loop import Trainer
-
-    def check(model, dropout):
-        trainer = SimpleNamespace(ctx=Context(), config=config(lora_dropout=dropout), model=model)
-        Trainer._check_world_size(trainer, Path("step-0000004.safetensors"), 2)
-
-    nf4 = add_lora(nf4_model(), 4, 8.0, dropout=0.1)
-    with pytest.raises(InputError, match="trained by 2 rank.*this job has 1.*quantized base.*resume with 2"):
-        check(nf4, 0.1)
-    check(nf4, 0.0)
-    check(add_lora(tiny_model(), 4, 8.0, dropout=0.1), 0.1)  # plain LoRA: the masks follow the rows
-
-
 def test_fsdp_needs_torchrun(tmp_path):
     with pytest.raises(InputError, match="fsdp shards the model across the processes of a torchrun job"):
         train(tiny_model(), None, items(), tmp_path / "out", config(fsdp=True))
@@ -206,20 +191,26 @@ def test_fsdp_needs_torchrun(tmp_path):
         config(fsdp_bf16=True)
 
 
-def test_a_share_draws_the_one_process_dropout_masks():
-    """Rows [t0, T) of a layer input under dropout_row_offset(t0) get the masks of the whole."""
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_a_share_draws_the_one_process_dropout_masks(base):
+    """Rows [t0, T) of a layer input under dropout_row_offset(t0) get the masks of the whole, on
+    a dense and on an NF4 base (so a resume may change the number of ranks on either)."""
     from pdengine import add_lora, lora
 
-    layer = add_lora(torch.nn.Sequential(torch.nn.Linear(8, 6)), 4, 8.0, dropout=0.5, target_modules=["0"])[0]
+    if base == "dense":
+        layer = add_lora(torch.nn.Sequential(torch.nn.Linear(64, 6)), 4, 8.0, dropout=0.5, target_modules=["0"])[0]
+    else:  # a QuantizedLoRALinear of an NF4 model
+        layer = add_lora(nf4_model(), 4, 8.0, dropout=0.5).model.layers[0].self_attn.q_proj
+    assert (type(layer) is lora.LoRALinear) == (base == "dense")
     torch.nn.init.normal_(layer.lora_B.weight)
     layer.train()
-    x = torch.randn(12, 8)
+    x = torch.randn(12, 64)
     torch.manual_seed(3)
     whole = layer(x)
     for t0 in (1, 5):
         torch.manual_seed(3)
         with lora.dropout_row_offset(t0):
-            assert torch.allclose(layer(x[t0:]), whole[t0:], atol=1e-6)
+            assert torch.allclose(layer(x[t0:]), whole[t0:], atol=1e-5)
     torch.manual_seed(3)
     assert not torch.allclose(layer(x[5:]), whole[5:], atol=1e-3)  # without the offset: other masks
 

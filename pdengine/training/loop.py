@@ -116,25 +116,13 @@ class Trainer:
                 self.ctx, lambda: checkpoints.read_checkpoint(path) if self.ctx.is_main else None)
             tensors, state = self.ctx.broadcast(loaded)
             checkpoints.apply_checkpoint(path, tensors, state, self.params, self.optimizer, self.scheduler)
-        self._check_world_size(path, int(state.get("world_size", 1)))
+        # another number of ranks splits the batches otherwise: the same result up to float
+        # order, dropout masks included (`lora.dropout_row_offset`), so it may differ
         self.step = int(state["step"])
         self.main = self.main.at(state["position"]["main"])
         if self.replay is not None and "replay" in state["position"]:
             self.replay = self.replay.at(state["position"]["replay"])
         self.committed = self._position()
-
-    def _check_world_size(self, path: Path, saved: int) -> None:
-        """Another number of ranks splits the batches differently: the same result up to float
-        order, dropout masks included (`lora.dropout_row_offset`), except on a quantized base,
-        whose LoRA layers draw masks of their own share: with dropout there it is refused."""
-        from pdengine.lora import LoRALinear, lora_modules
-
-        split_dependent = any(isinstance(m, LoRALinear) and type(m) is not LoRALinear
-                              for m in lora_modules(self.model).values())
-        if saved != self.ctx.world_size and self.config.lora_dropout > 0 and split_dependent:
-            raise InputError(f"{path} was trained by {saved} rank(s), this job has {self.ctx.world_size}: on a "
-                             f"quantized base with lora_dropout {self.config.lora_dropout} the dropout masks "
-                             f"depend on the split, so resume with {saved} rank(s)")
 
     def checkpoint(self) -> Path:
         """Save the step's checkpoint: rank 0 alone (DDP: the state is replicated) or, with
