@@ -260,14 +260,20 @@ def _retrain_here_and_compare(out, loss, seed, cfg, again):
     assert run_summary["steps"] == cfg.steps
 
 
-def test_demo_fast_on_an_nf4_base_records_the_quantization(tmp_path):
-    """`pdengine demo --quantize nf4`: the teacher (questions, answers, prefill, evaluation)
-    and the students are the same NF4 base; the report says what was quantized."""
+@pytest.fixture(scope="module")
+def nf4_demo(tmp_path_factory):
+    """`pdengine demo --fast --quantize nf4` (students in two forked workers): (out, cfg, report, log)."""
     pytest.importorskip("bitsandbytes")
-    out = tmp_path / "demo"
+    out = tmp_path_factory.mktemp("nf4") / "demo"
+    cfg = DemoConfig.fast(threads=1, steps=2, quantize="nf4", workers=2, progress=False)
     lines = []
-    report = run_demo(out, DemoConfig.fast(threads=1, steps=2, quantize="nf4", workers=1, progress=False),
-                      log=lines.append)
+    return out, cfg, run_demo(out, cfg, log=lines.append), lines
+
+
+def test_demo_fast_on_an_nf4_base_records_the_quantization(nf4_demo):
+    """The teacher (questions, answers, prefill, evaluation) and the students are the same
+    NF4 base; the report says what was quantized."""
+    out, cfg, report, lines = nf4_demo
     q = report["quantization"]
     assert report["config"]["quantize"] == q["quantize"] == "nf4"
     assert q["identity"] == {"method": "bitsandbytes-nf4", "blocksize": 64, "double_quant": True}
@@ -275,11 +281,34 @@ def test_demo_fast_on_an_nf4_base_records_the_quantization(tmp_path):
     # multiples of the blocksize, so none is refused on the CPU); embeddings and lm_head stay fp32
     assert q["quantized_layers"] == 14 and q["full_precision_layers"] == ["model.embed_tokens", "lm_head"]
     assert "base: nf4 (bitsandbytes-nf4" in lines[-1]
+    # the teacher cache was made by the NF4 base, and training checks the student against it
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert manifest["model"]["quantization"]["method"] == "bitsandbytes-nf4"
     for method in ("prompt_distillation", "sft", "teacher_open_book"):
         assert 0.0 <= report["methods"][method]["contains"] <= 1.0
     assert all(r["steps"] == 2 for r in report["training"]["pd"] + report["training"]["sft"])
+    assert sum(", process " in line for line in lines) == 2
+
+
+def test_spawned_workers_train_what_forked_ones_do(nf4_demo, tmp_path, monkeypatch):
+    """--threads > 1 spawns the workers (a multi-threaded parent cannot fork): a spawned
+    worker opens the caches from disk and loads the NF4 base itself, and writes the same
+    adapter, byte for byte, as the forked worker of the demo run."""
+    from pdengine.cache import TeacherCache
+    from pdengine.demo import students
+
+    out, cfg, _, _ = nf4_demo
+    assert (students.start_method(1), students.start_method(2)) == ("fork", "spawn")
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "model").symlink_to(out / "model")
+    lines = []
+    monkeypatch.setattr(students, "start_method", lambda threads: "spawn")
+    students._train_in_workers(Stages(lines.append), [("pd", 0)], again, TeacherCache(out / "cache"),
+                               TeacherCache(out / "replay_cache"), cfg)
+    name = "adapter/adapter_model.safetensors"
+    assert (again / "pd" / "seed-0" / name).read_bytes() == (out / "pd" / "seed-0" / name).read_bytes()
+    assert len(lines) == 1 and "train_pd_seed0: " in lines[0]
 
 
 def test_pipeline_gate_refuses_a_model_that_cannot_read():

@@ -1,7 +1,7 @@
 """The demo's students: one LoRA training per (loss, training seed), PD and SFT.
 
 The runs are independent (same base, same caches, their own seed), so `cfg.workers` of
-them run at a time, each in a forked process with `cfg.threads` torch threads: on the
+them run at a time, each in a worker process with `cfg.threads` torch threads: on the
 2-core CPU two one-thread processes train about twice as fast as one process (the tiny
 model gains little from a second thread inside one run). Every run writes its adapter;
 the parent then loads each adapter onto a fresh base, bit for bit the model the worker
@@ -98,30 +98,42 @@ def _timed(stages, loss, seed, fn, *args):
     return model, summary
 
 
-# The forked workers read what they train on from here (set before the pool forks), so
-# the caches are never pickled; each task is only its (loss, seed).
+# What a worker trains on, set by `_init_worker` in each worker; a task is only (loss, seed).
 _CONTEXT: dict = {}
 
 
+def start_method(threads: int) -> str:
+    """fork when the workers run one thread: they inherit the loaded modules (nothing is
+    re-imported or pickled). A parent that ran several OpenMP threads cannot fork safely
+    (GNU OpenMP's thread pool does not survive a fork: the child hangs in its first
+    parallel region, seen with --threads 2), so it spawns fresh processes instead."""
+    return "fork" if threads == 1 else "spawn"
+
+
 def _train_in_workers(stages, todo, out, cache, replay, cfg) -> dict:
-    """{(loss, seed): run summary}, training `cfg.workers` runs at a time in forked processes."""
-    _import_before_fork()
-    _CONTEXT.update(out=out, cache=cache, replay=replay, cfg=cfg)
-    # fork: the workers inherit the loaded modules and the caches (spawn would re-import
-    # torch and transformers in each, and pickle the caches)
-    context = multiprocessing.get_context("fork")
+    """{(loss, seed): run summary}, training `cfg.workers` runs at a time in worker processes."""
+    method = start_method(cfg.threads)
+    if method == "fork":
+        _import_before_fork()
+    context = multiprocessing.get_context(method)
     summaries = {}
-    try:
-        with context.Pool(min(cfg.workers, len(todo)), initializer=torch.set_num_threads,
-                          initargs=(cfg.threads,)) as pool:
-            for loss, seed, summary, wall, cpu, pid in pool.imap_unordered(_worker_run, todo):
-                summaries[(loss, seed)] = summary
-                stages.record(f"train_{loss}_seed{seed}", wall, cpu, note=f"process {pid}")
-            pool.close()
-            pool.join()  # reaped, so the stage's CPU time (children included) counts them
-    finally:
-        _CONTEXT.clear()
+    # each worker opens the caches from their directories (a spawned one cannot inherit them)
+    init = (out, str(cache.path), str(replay.path), cfg)
+    with context.Pool(min(cfg.workers, len(todo)), initializer=_init_worker, initargs=init) as pool:
+        for loss, seed, summary, wall, cpu, pid in pool.imap_unordered(_worker_run, todo):
+            summaries[(loss, seed)] = summary
+            stages.record(f"train_{loss}_seed{seed}", wall, cpu, note=f"process {pid}")
+        pool.close()
+        pool.join()  # reaped, so the stage's CPU time (children included) counts them
     return summaries
+
+
+def _init_worker(out, cache_path, replay_path, cfg) -> None:
+    from pdengine.cache import TeacherCache
+
+    torch.set_num_threads(cfg.threads)
+    _import_before_fork()  # a spawned worker: silence bitsandbytes' import warning here too
+    _CONTEXT.update(out=out, cache=TeacherCache(cache_path), replay=TeacherCache(replay_path), cfg=cfg)
 
 
 def _import_before_fork() -> None:
