@@ -28,8 +28,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps of PD and SFT (default 300)")
     parser.add_argument("--documents", type=int, default=None, help="new documents, 1..30 (default 30)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default 1: the tiny model gains little from a second thread, "
-                             "and on a busy machine two threads spin-wait for each other, 10x slower)")
+                        help="torch CPU threads, of this process and of each training worker (default 1: the "
+                             "tiny model gains little from a second thread, and on a busy machine two threads "
+                             "spin-wait for each other, 10x slower; more than 1 spawns the workers, a few "
+                             "seconds of imports each)")
     parser.add_argument("--workers", type=int, default=None,
                         help="training processes: the PD and SFT runs train this many at a time, each with "
                              "--threads threads (default: 2, or 1 on a 1-core machine; 1: one after the other "

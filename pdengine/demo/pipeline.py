@@ -25,7 +25,7 @@ import torch
 from pdengine.demo import summary
 from pdengine.demo import world as W
 from pdengine.demo.stages import Stages
-from pdengine.demo.students import load_base, train_all, training_seeds  # noqa: F401 (training_seeds: API)
+from pdengine.demo.students import load_base, train_all
 from pdengine.errors import InputError
 
 ASSETS = Path(__file__).parent / "assets"
