@@ -207,6 +207,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """`pdengine chunk`: documents JSONL -> documents JSONL with the long ones split."""
+    from pdengine import distributed
     from pdengine.config import from_args
     from pdengine.io import read_jsonl, write_jsonl
     from pdengine.loading import load_tokenizer_and_config
@@ -215,8 +216,12 @@ def run(args) -> int:
     documents = read_jsonl(args.documents, required=("id", "text"))
     tokenizer, _ = load_tokenizer_and_config(args.model)
     out = chunk_documents(documents, tokenizer, settings)
-    write_jsonl(args.out, out)
-    split = len({d["source_id"] for d in out if "source_id" in d})
-    print(f"wrote {len(out)} documents to {args.out} ({split} of {len(documents)} split into "
-          f"{sum('source_id' in d for d in out)} chunks of <= {settings.chunk_tokens} tokens)", file=sys.stderr)
+
+    def write():
+        write_jsonl(args.out, out)
+        split = len({d["source_id"] for d in out if "source_id" in d})
+        print(f"wrote {len(out)} documents to {args.out} ({split} of {len(documents)} split into "
+              f"{sum('source_id' in d for d in out)} chunks of <= {settings.chunk_tokens} tokens)", file=sys.stderr)
+
+    distributed.on_main(distributed.context(), write)  # under torchrun: rank 0 writes, all return after
     return 0

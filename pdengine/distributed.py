@@ -8,11 +8,12 @@ and nothing else changes: every helper below is then the identity.
 The rules every stage follows (docs/DESIGN.md, "Distributed"):
 - work is split in *units the one-process run already has* (a document with all its QA
   pairs, a generation batch), assigned round-robin, so each unit is computed exactly as a
-  single process computes it and the gathered result is identical, not merely close;
-- results are gathered on rank 0 in the one-process order; only rank 0 writes shared files
-  and prints progress;
-- an error on any rank ends that process with exit code 2 (bad input) or 1; torchrun then
-  stops the other ranks, so nobody waits forever in a collective.
+  single process computes it and the combined result is identical, not merely close;
+- `map_units` hands every rank the results of all units in the one-process order, so every
+  rank goes on to the same next step; only rank 0 writes shared files and prints progress;
+- a step that can fail on some ranks only is run through `on_every_rank` / `on_main` /
+  `map_units`: when one rank fails, every rank raises (`raise_if_any_failed`), so nobody
+  waits forever in a collective; the CLI then exits 2 (bad input) or 1.
 """
 from __future__ import annotations
 
@@ -55,20 +56,6 @@ class Context:
         if self.distributed:
             dist.barrier()
 
-    def gather_units(self, results: dict[int, object], n_units: int) -> list | None:
-        """{unit index: result} of every rank -> the results of all units in unit order, on
-        rank 0 (None on the others). One-process: the same list, in order."""
-        if self.distributed:
-            parts = [None] * self.world_size if self.is_main else None
-            dist.gather_object(results, parts, dst=0)
-            if not self.is_main:
-                return None
-            results = {i: r for part in parts for i, r in part.items()}
-        missing = sorted(set(range(n_units)) - set(results))
-        if missing:
-            raise RuntimeError(f"units {missing[:5]} were computed by no rank")
-        return [results[i] for i in range(n_units)]
-
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
         if not self.distributed:
@@ -101,10 +88,24 @@ def raise_if_any_failed(ctx: Context, error: Exception | None) -> None:
         messages = [None] * ctx.world_size
         dist.all_gather_object(messages, None if error is None else str(error))
         failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if error is not None and failed[0][0] != ctx.rank and failed[0][1] == str(error):
+            error.shown = False  # the same bad input on several ranks: the first one says it
         if error is None and failed:
             raise PeerFailed(f"rank {failed[0][0]} of {ctx.world_size} stopped: {failed[0][1]}", ctx.is_main)
     if error is not None:
         raise error
+
+
+def on_every_rank(ctx: Context, step):
+    """`step()` on every rank; when it raises on any rank, every rank raises (the failed one
+    its own error, `raise_if_any_failed`), so none is left waiting in the next collective."""
+    result, error = None, None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001  (re-raised below, on this rank as it was)
+        error = e
+    raise_if_any_failed(ctx, error)
+    return result
 
 
 def map_units(ctx: Context, n_units: int, compute, *, check=None) -> list:

@@ -234,10 +234,10 @@ def generate_sequences(
             bar.update(len(out))
             return out
 
-        # numbers hash the same in every process (str and, before Python 3.12, None do not):
-        # a cheap check that every rank got these prompts and settings
-        check = hash((tuple(map(tuple, prompt_ids)), seed, batch_size, float(temperature), int(top_k or 0),
-                      max_new_tokens)) if ctx.distributed else None
+        # a cheap check that every rank got these prompts and settings (a digest of plain
+        # numbers: Python's hash() of str, of None before 3.12, and of tensors differs per process)
+        check = _inputs_digest(prompt_ids, seed, batch_size, temperature, top_k, max_new_tokens) \
+            if ctx.distributed else None
         per_batch = distributed.map_units(ctx, len(batches), run_batch, check=check)
     results: list[Generated] = [Generated([], False) for _ in prompt_ids]
     for rows, generated in zip(batches, per_batch):
@@ -266,3 +266,11 @@ def greedy_texts(model, tokenizer, prompt_ids: list[list[int]], *, max_new_token
     ids = generate_ids(model, tokenizer, prompt_ids, temperature=0.0, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, desc=desc, progress=progress)
     return [decode(tokenizer, x) for x in ids]
+
+
+def _inputs_digest(prompt_ids, *settings) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps([[[int(t) for t in p] for p in prompt_ids], [float(x or 0) for x in settings]])
+    return hashlib.sha256(blob.encode()).hexdigest()

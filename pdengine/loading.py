@@ -22,7 +22,7 @@ from pdengine.errors import InputError
 
 def pick_device(device=None) -> torch.device:
     """The requested device, else CUDA when available, else CPU. Under torchrun each rank
-    takes its own GPU: cuda:LOCAL_RANK for no device or a plain "cuda"."""
+    takes its own GPU: cuda:LOCAL_RANK for no device or a plain "cuda" (another index is refused)."""
     from pdengine import distributed
 
     ctx = distributed.context()
@@ -30,6 +30,10 @@ def pick_device(device=None) -> torch.device:
         device = torch.device(device)
         if ctx.distributed and device.type == "cuda" and device.index is None:
             return torch.device("cuda", ctx.local_rank)
+        if ctx.distributed and device.type == "cuda" and device.index != ctx.local_rank:
+            # every rank on one GPU: NCCL fails later and obscurely (or N models share it)
+            raise InputError(f"--device {device} under torchrun: each rank uses its own GPU "
+                             f"(cuda:LOCAL_RANK); pass --device cuda or no --device")
         return device
     if ctx.distributed:
         return ctx.device()

@@ -29,6 +29,7 @@ from pdengine import peft_format
 from pdengine.errors import InputError
 from pdengine.ops.lora_linear import lora_linear
 from pdengine.peft_format import KEY_PREFIX
+from pdengine.reference import DROPOUT_INDEX_MUL, DROPOUT_SEED_MUL  # the keep-mask's hash (the spec)
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -40,8 +41,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 # that one process computes whole sees local indices i - t0 * d_in; shifting the seed by
 # t0 * d_in * M_I / M_S (mod 2**32; M_S is odd, so invertible) gives it the one-process
 # mask without any kernel knowing about offsets (`pdengine.training.parallel`).
-_INDEX_MUL, _SEED_MUL = 0x9E3779B1, 0x85EBCA6B
-_SEED_SHIFT_PER_INDEX = _INDEX_MUL * pow(_SEED_MUL, -1, 1 << 32) % (1 << 32)
+_SEED_SHIFT_PER_INDEX = DROPOUT_INDEX_MUL * pow(DROPOUT_SEED_MUL, -1, 1 << 32) % (1 << 32)
 _ROW_OFFSET = [0]  # a plain global, not a ContextVar: torch.compile(fullgraph=True) reads it
 
 

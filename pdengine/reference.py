@@ -117,6 +117,9 @@ def _mulmod32(h, c):
     return (hi + h * (c & 0xFFFF)) & 0xFFFFFFFF
 
 
+DROPOUT_INDEX_MUL, DROPOUT_SEED_MUL = 0x9E3779B1, 0x85EBCA6B  # lora.dropout_seed's shift relies on them
+
+
 def dropout_keep_mask(shape, p, seed, device=None):
     """LoRA dropout's keep-mask, a pure function of (seed, flat element index).
 
@@ -131,7 +134,7 @@ def dropout_keep_mask(shape, p, seed, device=None):
         n *= s
     i = torch.arange(n, dtype=torch.int64, device=device) & 0xFFFFFFFF
     s = int(seed) & 0xFFFFFFFF
-    h = (_mulmod32(i, 0x9E3779B1) + (s * 0x85EBCA6B) + 0x27D4EB2F) & 0xFFFFFFFF
+    h = (_mulmod32(i, DROPOUT_INDEX_MUL) + (s * DROPOUT_SEED_MUL) + 0x27D4EB2F) & 0xFFFFFFFF
     h = h ^ (h >> 16)
     h = _mulmod32(h, 0x85EBCA6B)
     h = h ^ (h >> 13)

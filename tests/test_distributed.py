@@ -20,7 +20,7 @@ def _worker(rank, world, port, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ctx = distributed.context()
     units = ctx.my_units(7)
-    gathered = ctx.gather_units({i: f"unit{i}@{rank}" for i in units}, 7)
+    gathered = distributed.map_units(ctx, 7, lambda i: f"unit{i}@{rank}")
     total = ctx.all_reduce_sum(torch.tensor([float(rank + 1)]))
     shared = ctx.broadcast({"from": rank})
     ctx.barrier()
@@ -30,11 +30,11 @@ def _worker(rank, world, port, out_dir):
     distributed.shutdown()
 
 
-def test_two_ranks_split_round_robin_and_gather_in_order(tmp_path):
+def test_two_ranks_split_round_robin_and_every_rank_gets_all_units_in_order(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["units"] == [0, 2, 4, 6] and r1["units"] == [1, 3, 5]
-    assert r0["gathered"] == [f"unit{i}@{i % 2}" for i in range(7)] and r1["gathered"] is None
+    assert r0["gathered"] == r1["gathered"] == [f"unit{i}@{i % 2}" for i in range(7)]
     assert r0["total"] == r1["total"] == 3.0
     assert r0["shared"] == r1["shared"] == {"from": 0}
     assert r0["is_main"] and not r1["is_main"]
@@ -46,6 +46,6 @@ def test_one_process_is_the_identity(monkeypatch):
     ctx = distributed.context()
     assert (ctx.rank, ctx.world_size, ctx.distributed) == (0, 1, False)
     assert ctx.my_units(3) == [0, 1, 2]
-    assert ctx.gather_units({0: "a", 1: "b", 2: "c"}, 3) == ["a", "b", "c"]
+    assert distributed.map_units(ctx, 3, "abc".__getitem__) == ["a", "b", "c"]
     assert ctx.broadcast(5) == 5
     distributed.shutdown()

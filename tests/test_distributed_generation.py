@@ -19,6 +19,7 @@ import torch
 from helpers import save_tiny
 
 from pdengine import cli, distributed, loading
+from pdengine.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [{"id": "d1", "text": "Ada lives in Oslo . Ada works as baker ."},
@@ -122,7 +123,9 @@ def test_two_ranks_write_the_one_process_files_and_an_error_on_one_stops_both(jo
 def test_each_rank_takes_its_own_gpu(monkeypatch):
     monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=1, world_size=2, local_rank=1))
     assert loading.pick_device("cuda") == torch.device("cuda", 1)
-    assert loading.pick_device("cuda:0") == torch.device("cuda", 0)  # asked for by index: kept
+    assert loading.pick_device("cuda:1") == torch.device("cuda", 1)  # its own index: kept
+    with pytest.raises(InputError, match="each rank uses its own GPU"):
+        loading.pick_device("cuda:0")  # another rank's GPU
     assert loading.pick_device("cpu") == torch.device("cpu")
     expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
     assert loading.pick_device() == expected

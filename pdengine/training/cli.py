@@ -67,7 +67,7 @@ def run(args) -> int:
     from pdengine import distributed
     from pdengine.cache import TeacherCache
     from pdengine.loading import load_from_args
-    from pdengine.training.parallel import on_every_rank
+    from pdengine.distributed import on_every_rank
 
     out = Path(args.out)
     ctx = distributed.context()  # under torchrun: join the job before the model loads (cuda:LOCAL_RANK)

@@ -108,6 +108,10 @@ def save(ctx, folder: Path, final: Path, model, optimizer, meta: dict) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    if ctx.broadcast(final.exists() if ctx.is_main else None):
+        # this step is saved already (a run's end saves its last step, which save_every may
+        # have saved): the same state; never delete the only checkpoint to rewrite it
+        return final
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     if ctx.is_main and folder.exists():
         shutil.rmtree(folder)
@@ -116,8 +120,6 @@ def save(ctx, folder: Path, final: Path, model, optimizer, meta: dict) -> Path:
     ctx.barrier()
     if ctx.is_main:
         (folder / STATE_FILE).write_text(json.dumps({**meta, "rng": _rng()}))
-        if final.exists():
-            shutil.rmtree(final)
         folder.rename(final)
     ctx.barrier()
     return final

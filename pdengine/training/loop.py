@@ -69,7 +69,7 @@ class Trainer:
         self.ctx = ctx or distributed.Context()
         # A bad init_adapter path (seen by one node only, say) must stop every rank before the
         # collectives below.
-        self.params = parallel.on_every_rank(self.ctx, lambda: prepare_model(model, config))
+        self.params = distributed.on_every_rank(self.ctx, lambda: prepare_model(model, config))
         parallel.broadcast_parameters(self.ctx, self.params.values())  # before FSDP shards them
         self.sharded = config.fsdp  # train() checks that it runs under torchrun
         if self.sharded:
@@ -112,7 +112,7 @@ class Trainer:
             version, internal, gauss = state["python_rng"]
             random.setstate((version, tuple(internal), gauss))
         else:  # rank 0 reads the file, every rank applies it: only rank 0 needs to see OUT
-            loaded = parallel.on_every_rank(
+            loaded = distributed.on_every_rank(
                 self.ctx, lambda: checkpoints.read_checkpoint(path) if self.ctx.is_main else None)
             tensors, state = self.ctx.broadcast(loaded)
             checkpoints.apply_checkpoint(path, tensors, state, self.params, self.optimizer, self.scheduler)

@@ -19,8 +19,8 @@ ones (outside the decoder body, e.g. an lm_head adapter) go through `sync_gradie
 
 LoRA dropout draws the one-process masks: each share runs its forward and backward under
 `lora.dropout_row_offset(token_offset)`, which shifts the layer's dropout seed so that the
-keep-mask of local row t is the one of packed row token_offset + t. (Not for a quantized
-base's `QuantizedLoRALinear`, pdengine/qlora.py, which draws its own seeds.)
+keep-mask of local row t is the one of packed row token_offset + t (`LoRALinear` and a
+quantized base's `QuantizedLoRALinear` alike).
 
 A rank whose share is empty (a batch with fewer sequences than ranks) still runs a forward
 and backward, on the batch's first sequence with weight 0: its gradient is zero but it
@@ -30,24 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from pdengine import distributed
 from pdengine.distributed import Context
-from pdengine.errors import InputError
 
 _SLICED_BY_TOKEN = ("input_ids", "position_ids")
 _SLICED_BY_TARGET = ("labels", "topk_ids", "topk_logprobs")
-
-
-def on_every_rank(ctx: Context, step):
-    """`step()` on every rank; when it raises InputError on any rank, every rank raises
-    (`distributed.raise_if_any_failed`), so none is left waiting in the next collective."""
-    result, error = None, None
-    try:
-        result = step()
-    except InputError as e:
-        error = e
-    distributed.raise_if_any_failed(ctx, error)
-    return result
 
 
 def sequence_owners(lengths: list[int], world_size: int) -> list[int]:

@@ -4,7 +4,7 @@ The setup around the `Trainer` (docs/DESIGN.md, "Training" and "Distributed"): O
 (rank 0), the run's settings (run.json on a resume), the data checks, restoring the latest
 checkpoint, the progress bar and TensorBoard, and the final checkpoint and adapter. Under
 torchrun every setup step that can fail with bad input ends on every rank together
-(`parallel.on_every_rank`), so no rank waits in a collective another never joins.
+(`distributed.on_every_rank`), so no rank waits in a collective another never joins.
 """
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def train(model, tokenizer, cache, out_dir, config: TrainConfig | None = None, *
     """
     out, ctx = Path(out_dir), distributed.context()
     with ExitStack() as stack:  # rank 0 holds OUT's lock for the whole run (under torchrun: for the job)
-        config, run = parallel.on_every_rank(ctx, lambda: _open_run(stack, ctx, out, config, resume))
+        config, run = distributed.on_every_rank(ctx, lambda: _open_run(stack, ctx, out, config, resume))
         config = ctx.broadcast(config)  # run.json is read by rank 0 only: other nodes need not see OUT
-        cache, replay, identities = parallel.on_every_rank(
+        cache, replay, identities = distributed.on_every_rank(
             ctx, lambda: _check_run(ctx, model, tokenizer, cache, replay_cache, out, config, run, resume))
         return _train_locked(model, cache, replay, out, config, resume, identities, ctx)
 
