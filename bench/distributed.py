@@ -66,7 +66,7 @@ def _timed(ctx, fn) -> float:
     return time.perf_counter() - start
 
 
-def worker(stage: str, preset: dict, reps: int, workdir: Path) -> dict | None:
+def worker(stage: str, preset: dict, reps: int, workdir: Path, index: int) -> dict | None:
     from pdengine import distributed
     from pdengine.prefill import prefill
 
@@ -76,7 +76,7 @@ def worker(stage: str, preset: dict, reps: int, workdir: Path) -> dict | None:
     seconds = []
     if stage == "prefill":
         for rep in range(-1, reps):  # rep -1: warm-up (lazy initialisation), not counted
-            out = workdir / f"cache-{ctx.world_size}x{torch.get_num_threads()}-{rep}"
+            out = workdir / f"launch-{index}" / f"cache-{rep}"
             seconds.append(_timed(ctx, lambda: prefill(model, tok, docs, qa, out, k=64, resume=False,
                                                        progress=False, shard_size=preset["qa_per_doc"])))
     else:
@@ -87,7 +87,7 @@ def worker(stage: str, preset: dict, reps: int, workdir: Path) -> dict | None:
         config = TrainConfig(max_steps=preset["steps"], batch_tokens=preset["batch_tokens"], lr=1e-4,
                              lora_dropout=0.0, progress=False, save_every=0)
         for rep in range(-1, reps):
-            out = workdir / f"train-{ctx.world_size}x{torch.get_num_threads()}-{rep}"
+            out = workdir / f"launch-{index}" / f"train-{rep}"
             seconds.append(_timed(ctx, lambda: train(model, tok, cache, out, config)))
             model = small_llama()  # train() added LoRA; the next rep starts from the plain base
     distributed.shutdown()
@@ -105,10 +105,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(stage: str, ranks: int, threads: int, args, workdir: Path) -> dict:
-    """One fresh launch: `ranks` processes with `threads` threads each."""
+def launch(stage: str, ranks: int, threads: int, args, workdir: Path, index: int) -> dict:
+    """One fresh launch: `ranks` processes with `threads` threads each, writing into its own
+    folder (the training cache is shared, read-only)."""
     script = [__file__, "--worker", stage, "--preset", args.preset, "--reps", str(args.reps),
-              "--workdir", str(workdir)]
+              "--workdir", str(workdir), "--launch", str(index)]
     cmd = [sys.executable, *script] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *script]
@@ -153,10 +154,11 @@ def main():
                         "1 rank x N threads (and 1 x 1, the serial reference)")
     parser.add_argument("--worker", choices=("prefill", "train"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--launch", type=int, default=0, help=argparse.SUPPRESS)
     add_save_flag(parser)
     args = parser.parse_args()
     if args.worker:
-        row = worker(args.worker, PRESETS[args.preset], args.reps, Path(args.workdir))
+        row = worker(args.worker, PRESETS[args.preset], args.reps, Path(args.workdir), args.launch)
         if row is not None:
             print(json.dumps(row))
         return
@@ -170,7 +172,7 @@ def main():
         for _ in range(args.rounds):
             for stage in stages:
                 for ranks, threads in ((1, 1), (1, args.cores), (args.cores, 1)):
-                    rows.append(launch(stage, ranks, threads, args, workdir))
+                    rows.append(launch(stage, ranks, threads, args, workdir, len(rows)))
                     print(rows[-1], flush=True)
     table = summarize(rows)
     print_table(table, ["stage", "layout", "median_s", "launches", "speedup_vs_1x1"])
