@@ -332,3 +332,21 @@ def test_demo_world_new_people_were_never_pretrained_on():
     assert not seen & {e.name for e in world.new_entities}
     with pytest.raises(ValueError, match="exclude"):
         W.World(0, exclude={n for f in W.POOLS["first_names"] for n in (f"{f} {l}" for l in W.POOLS["last_names"])})
+
+
+def _die(task):
+    os._exit(9)  # a worker killed mid-training (OOM killer, SIGKILL)
+
+
+def test_a_killed_training_worker_is_one_error_not_a_hang(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from pdengine.demo import students
+    from pdengine.errors import CommandError
+
+    monkeypatch.setattr(students, "_init_worker", lambda *args: None)  # forked: the child sees these
+    monkeypatch.setattr(students, "_worker_run", _die)
+    cfg = SimpleNamespace(threads=1, workers=2)
+    cache = SimpleNamespace(path=tmp_path)
+    with pytest.raises(CommandError, match="a training worker died.*--workers 1"):
+        students._train_in_workers(Stages(lambda line: None), [("pd", 0), ("sft", 0)], tmp_path, cache, cache, cfg)

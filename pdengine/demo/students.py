@@ -18,9 +18,13 @@ import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
+
+from pdengine.errors import CommandError
 
 LOSSES = (("pd", "prompt_distillation"), ("sft", "sft"))  # (train loss, method name in the report)
 
@@ -119,12 +123,20 @@ def _train_in_workers(stages, todo, out, cache, replay, cfg) -> dict:
     summaries = {}
     # each worker opens the caches from their directories (a spawned one cannot inherit them)
     init = (out, str(cache.path), str(replay.path), cfg)
-    with context.Pool(min(cfg.workers, len(todo)), initializer=_init_worker, initargs=init) as pool:
-        for loss, seed, summary, wall, cpu, pid in pool.imap_unordered(_worker_run, todo):
+    # an executor, not a multiprocessing.Pool: a worker killed (OOM, SIGKILL) breaks the
+    # executor with an error, where a Pool would wait for its result forever
+    pool = ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=context, initializer=_init_worker,
+                               initargs=init)
+    try:
+        for done in as_completed([pool.submit(_worker_run, task) for task in todo]):
+            loss, seed, summary, wall, cpu, pid = done.result()
             summaries[(loss, seed)] = summary
             stages.record(f"train_{loss}_seed{seed}", wall, cpu, note=f"process {pid}")
-        pool.close()
-        pool.join()  # reaped, so the stage's CPU time (children included) counts them
+    except BrokenProcessPool:
+        raise CommandError("a training worker died (killed, or out of memory?); rerun with --workers 1 "
+                           "to train in the demo's own process") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # reaped: the stage's CPU time counts them
     return summaries
 
 
