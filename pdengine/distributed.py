@@ -138,14 +138,7 @@ def on_main(ctx: Context, action):
     """`action()` on rank 0 (its result there, None elsewhere); every rank returns once it
     has finished, so a later step (the next stage of `pdengine run` or of a script) finds
     rank 0's files on every rank. Its error is raised on every rank (`raise_if_any_failed`)."""
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = action()
-        except Exception as e:  # noqa: BLE001  (re-raised below, on this rank as it was)
-            error = e
-    raise_if_any_failed(ctx, error)
-    return result
+    return on_every_rank(ctx, action if ctx.is_main else lambda: None)
 
 
 @contextmanager

@@ -154,3 +154,39 @@ def error_line(capsys) -> str:
     assert err, "an error message was expected"
     assert "Traceback" not in "\n".join(err)
     return err[-1]
+
+
+# ---------------------------------------------------------------- torchrun launches
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (the rendezvous of a 2-process test job)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, timeout: int = 120, env: dict | None = None):
+    """`python -m torch.distributed.run --nproc_per_node 2 ARGS...` from the repository root,
+    as a user launches it (its output captured); a stuck collective fails within 60 s."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "PDENGINE_DIST_TIMEOUT": "60", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master-port", str(free_port()), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=repo)
+
+
+def job_inputs(root, documents, eval_questions):
+    """`root` with what a multi-stage job reads: model/ (save_tiny), docs.jsonl, eval.jsonl."""
+    import json
+
+    save_tiny(root / "model")
+    for name, rows in (("docs.jsonl", documents), ("eval.jsonl", eval_questions)):
+        (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root

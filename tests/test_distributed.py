@@ -1,18 +1,12 @@
 """pdengine.distributed with gloo and 2 processes started as torchrun starts them (env variables)."""
 import json
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from pdengine import distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out_dir):

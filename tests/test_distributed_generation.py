@@ -6,22 +6,17 @@ first round 10 prompts (5 batches), answer 15 questions x 2 answers (15 batches)
 questions per method (3 batches), so one rank always computes one batch more.
 """
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny
+from helpers import job_inputs, torchrun
 
 from pdengine import cli, distributed, loading
 from pdengine.errors import InputError
 
-REPO = Path(__file__).resolve().parent.parent
 DOCS = [{"id": "d1", "text": "Ada lives in Oslo . Ada works as baker ."},
         {"id": "d2", "text": "Bo lives in Rome ."},
         {"id": "d3", "text": "the cat sat on the mat ."},
@@ -56,12 +51,6 @@ sys.exit(cli.main(json.loads(sys.argv[2])))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stage_argvs(folder: Path, root: Path) -> list[tuple[str, list[str]]]:
     """The three commands writing into `folder`, on the inputs in `root`."""
     common = ["--model", str(root / "model"), "--documents", str(root / "docs.jsonl"), "--no-progress",
@@ -76,20 +65,9 @@ def stage_argvs(folder: Path, root: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def torchrun(script: Path, *args, timeout=120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PDENGINE_DIST_TIMEOUT": "60"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master-port", str(free_port()), str(script), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist-gen")
-    save_tiny(root / "model")
-    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    (root / "eval.jsonl").write_text("".join(json.dumps(q) + "\n" for q in EVAL))
-    return root
+    return job_inputs(tmp_path_factory.mktemp("dist-gen"), DOCS, EVAL)
 
 
 def test_two_ranks_write_the_one_process_files_and_an_error_on_one_stops_both(job, tmp_path):

@@ -3,21 +3,16 @@ done markers, messages), every rank runs every stage, and the outputs are the on
 (the files byte for byte, the adapter up to float reduction order); a second launch skips the
 finished stages and says so once."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import save_tiny
+from helpers import job_inputs, torchrun
 from safetensors.torch import load_file
 
 from pdengine import cli
 from pdengine.cache_format import read_manifest
 
-REPO = Path(__file__).resolve().parent.parent
 DOCS = [{"id": "d1", "text": "Ada lives in Oslo . Ada works as baker ."},
         {"id": "d2", "text": "Bo lives in Rome ."},
         {"id": "d3", "text": "the cat sat on the mat ."}]
@@ -45,26 +40,13 @@ def _config(root: Path, out: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun_run(config: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PDENGINE_DIST_TIMEOUT": "60"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-               str(_free_port()), "-m", "pdengine", "run", "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
+def _torchrun_run(config: Path):
+    return torchrun("-m", "pdengine", "run", "--config", config, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist-run")
-    save_tiny(root / "model")
-    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    (root / "eval.jsonl").write_text("".join(json.dumps(q) + "\n" for q in EVAL))
-    return root
+    return job_inputs(tmp_path_factory.mktemp("dist-run"), DOCS, EVAL)
 
 
 def _shards(cache: Path) -> list[dict]:

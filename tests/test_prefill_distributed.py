@@ -1,12 +1,11 @@
 """Prefill under torchrun (2 gloo processes, started with torchrun's env variables): the cache is
 bit-identical to a one-process prefill, and a killed 2-rank prefill resumes with 1 or 2 ranks."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
-from helpers import DOCUMENTS, QA, tiny_model_and_tokenizer
+from helpers import DOCUMENTS, QA, free_port, tiny_model_and_tokenizer
 from safetensors.torch import load_file
 
 from pdengine import distributed, prefill_distributed
@@ -14,12 +13,6 @@ from pdengine.cache_format import read_manifest
 from pdengine.prefill import prefill
 
 SETTINGS = dict(k=8, shard_size=1, progress=False)  # five shards, so both ranks get several
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank, world, port, out, crash_rank):

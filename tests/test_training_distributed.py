@@ -8,7 +8,6 @@ the one-process masks (`lora.dropout_row_offset`), except on the NF4 base (dropo
 """
 import json
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from helpers import free_port, torchrun
 from train_helpers import config, metrics, teacher_items, tiny_model
 
 from pdengine.distributed import Context
@@ -29,12 +29,6 @@ SETTINGS = dict(epochs=5, max_steps=8, save_every=4, val_fraction=0.25, replay_f
                 lora_dropout=0.2)
 NF4_SETTINGS = SETTINGS  # dropout 0.2 on the NF4 base too: its shares draw the one-process masks
 TOLERANCE = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def items(model=None):
@@ -248,17 +242,11 @@ def test_fsdp_refuses_a_quantized_base_and_says_ddp_works():
 def test_torchrun_cli_error_on_rank_0_stops_rank_1(tmp_path):
     """`torchrun -m pdengine train` as a user runs it: OUT already holds a run, rank 0 says so
     before any model loads and rank 1 stops with it, silently (torchrun fails, no hang)."""
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
     out.mkdir()
     (out / "run.json").write_text("{}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "pdengine", "train", "--model", "m",
-                           "--cache", "c", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1], env=env)
+    done = torchrun("-m", "pdengine", "train", "--model", "m", "--cache", "c", "--out", out,
+                    env={"OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("pdengine train: error:")]
     assert len(errors) == 1 and "already holds a run" in errors[0]  # one line for the job
