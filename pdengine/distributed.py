@@ -168,6 +168,12 @@ def log_stream(ctx: Context):
 
 
 _CONTEXT: Context | None = None
+_JOINED = [False]  # this process joined a process group (it may have left it since)
+
+
+def joined_a_group() -> bool:
+    """Whether this process joined a torchrun job's process group (see pdengine/__main__.py)."""
+    return _JOINED[0]
 
 
 def context() -> Context:
@@ -183,6 +189,7 @@ def context() -> Context:
                 torch.cuda.set_device(_CONTEXT.local_rank)
             timeout = datetime.timedelta(seconds=int(os.environ.get("PDENGINE_DIST_TIMEOUT", "1800")))
             dist.init_process_group(backend=backend, timeout=timeout)
+            _JOINED[0] = True
     return _CONTEXT
 
 

@@ -58,7 +58,7 @@ def _check_model_dir(path: Path) -> None:
 
 
 def load_model_and_tokenizer(path, *, dtype=None, device=None, attn_implementation="auto", quantize=None,
-                             training: bool = False):
+                             training: bool = False, keep_on_cpu: bool = False):
     """Load `(model, tokenizer)` from a local directory, in eval mode, on `device`.
 
     dtype defaults to bfloat16 on CUDA and float32 on CPU. `attn_implementation` is one of
@@ -66,6 +66,8 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None, attn_implementati
     when `training`); the one chosen is printed once on stderr and is the model's
     `config._attn_implementation`. `quantize` ("nf4", "int8", None/"none") loads the base
     through bitsandbytes (pdengine/quantize.py); an InputError line when it cannot load.
+    `keep_on_cpu`: dtype and attention chosen for `device`, the weights left on the CPU, for
+    FSDP, which moves each layer to the device as it shards it (a base larger than one GPU).
     Raises InputError when the directory is missing, is not a model directory, does not
     hold a causal LM, or holds pickled weights (`pytorch_model.bin`) that torch's
     `weights_only` loader refuses: a pickle can run code, so it is never loaded unsafely.
@@ -81,6 +83,8 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None, attn_implementati
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     implementation = attention.choose(attn_implementation, device, training=training)
+    if keep_on_cpu and quantization.parse_quantize(quantize) is not None:
+        raise InputError("a quantized base is placed by bitsandbytes as it loads: it cannot stay on the CPU")
     extra = quantization.from_pretrained_kwargs(path, quantize, device)  # before any weight is read
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -96,6 +100,8 @@ def load_model_and_tokenizer(path, *, dtype=None, device=None, attn_implementati
     except (OSError, KeyError, ValueError) as e:
         raise InputError(f"cannot load a causal LM from {path}: {_first_line(e)}") from None
     _announce_attention(model)
+    if keep_on_cpu:
+        return model.eval(), tokenizer
     return quantization.prepare_loaded_model(model, device).eval(), tokenizer
 
 
@@ -136,13 +142,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
                         help="load the frozen base quantized by bitsandbytes (QLoRA; default none)")
 
 
-def load_from_args(args, *, training: bool = False, path=None, dtype=None):
+def load_from_args(args, *, training: bool = False, path=None, dtype=None, keep_on_cpu: bool = False):
     """`(model, tokenizer)` from the flags of `add_model_arguments` (`path` overrides
     --model, e.g. a training run's recorded model)."""
     return load_model_and_tokenizer(path if path is not None else args.model, dtype=dtype,
                                     device=getattr(args, "device", None),
                                     attn_implementation=getattr(args, "attn_implementation", "auto"),
-                                    quantize=getattr(args, "quantize", None), training=training)
+                                    quantize=getattr(args, "quantize", None), training=training,
+                                    keep_on_cpu=keep_on_cpu)
 
 
 def _first_line(error: Exception) -> str:

@@ -190,3 +190,18 @@ def job_inputs(root, documents, eval_questions):
     for name, rows in (("docs.jsonl", documents), ("eval.jsonl", eval_questions)):
         (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return root
+
+
+def end_rank() -> None:
+    """The end of a test's spawned rank, as `python -m pdengine` ends under torchrun: leave the
+    group together, then exit without interpreter finalization (where torch's gloo teardown
+    aborts a process now and then on a loaded machine)."""
+    import os
+    import sys
+
+    from pdengine import distributed
+
+    distributed.shutdown(finished=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -4,7 +4,7 @@ import os
 
 import torch
 import torch.multiprocessing as mp
-from helpers import free_port
+from helpers import end_rank, free_port
 
 from pdengine import distributed
 
@@ -21,7 +21,7 @@ def _worker(rank, world, port, out_dir):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"units": units, "gathered": gathered, "total": total.item(), "shared": shared,
                    "is_main": ctx.is_main}, f)
-    distributed.shutdown()
+    end_rank()
 
 
 def test_two_ranks_split_round_robin_and_every_rank_gets_all_units_in_order(tmp_path):

@@ -103,3 +103,14 @@ def test_int8_base_loads_quantized(tmp_path):
     save_tiny(tmp_path)
     model, _ = loading.load_model_and_tokenizer(tmp_path, device="cpu", quantize="int8")
     assert quantize.quantization_name(quantize.quantization_identity(model)) == "int8"
+
+
+def test_keep_on_cpu_loads_in_the_devices_dtype_and_leaves_the_weights_on_the_cpu(model_dir, monkeypatch):
+    """`pdengine train --fsdp`: dtype and attention for the GPU, weights on the CPU (FSDP
+    moves each layer as it shards it). Here the "GPU" is only what pick_device answers."""
+    monkeypatch.setattr(loading, "pick_device", lambda device=None: torch.device("cuda", 0))
+    model, _ = loading.load_model_and_tokenizer(model_dir, keep_on_cpu=True, attn_implementation="sdpa")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the CUDA default
+    with pytest.raises(InputError, match="quantized base .* cannot stay on the CPU"):
+        loading.load_model_and_tokenizer(model_dir, keep_on_cpu=True, quantize="nf4")

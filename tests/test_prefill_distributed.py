@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
-from helpers import DOCUMENTS, QA, free_port, tiny_model_and_tokenizer
+from helpers import DOCUMENTS, QA, end_rank, free_port, tiny_model_and_tokenizer
 from safetensors.torch import load_file
 
-from pdengine import distributed, prefill_distributed
+from pdengine import prefill_distributed
 from pdengine.cache_format import read_manifest
 from pdengine.prefill import prefill
 
@@ -27,7 +27,7 @@ def _rank(rank, world, port, out, crash_rank):
         prefill_distributed.write_entry = write_then_die
     model, tok = tiny_model_and_tokenizer("llama")
     prefill(model, tok, DOCUMENTS, QA, out, **SETTINGS)
-    distributed.shutdown()
+    end_rank()
 
 
 def launch(out, world=2, crash_rank=-1):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from helpers import free_port, torchrun
+from helpers import end_rank, free_port, torchrun
 from train_helpers import config, metrics, teacher_items, tiny_model
 
 from pdengine.distributed import Context
@@ -85,11 +85,9 @@ def _rank(rank, world, port, jobs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: two ranks share the CI's two cores
-    from pdengine import distributed
-
     for job in jobs:
         _run_job(job, rank)
-    distributed.shutdown()
+    end_rank()
 
 
 def launch(jobs, world=2):

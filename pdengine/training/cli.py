@@ -66,8 +66,10 @@ def run(args) -> int:
     is one line on stderr and exit 1 (its traceback with PDENGINE_DEBUG=1)."""
     from pdengine import distributed
     from pdengine.cache import TeacherCache
-    from pdengine.loading import load_from_args
     from pdengine.distributed import on_every_rank
+    from pdengine.loading import load_from_args
+    from pdengine.quantize import parse_quantize
+    from pdengine.training import fsdp
 
     out = Path(args.out)
     ctx = distributed.context()  # under torchrun: join the job before the model loads (cuda:LOCAL_RANK)
@@ -79,8 +81,12 @@ def run(args) -> int:
     if run_record is not None:  # refuse a changed setting before the model loads
         run_dir.refuse_changes(out, run_dir.setting_changes(out, run_record, config))
     check_launch(ctx, config)  # before a model too big for one device loads
+    if config.fsdp and parse_quantize(getattr(args, "quantize", None)) is not None:
+        raise InputError(fsdp.quantized_refusal())  # before it loads
     paths = _paths(args, run_record)
-    model, tokenizer = load_from_args(args, training=True, path=paths["model"])  # --attn-implementation, --quantize
+    # --attn-implementation, --quantize; with --fsdp the weights stay on the CPU, and FSDP moves
+    # each layer to this rank's GPU as it shards it, so no GPU holds the whole base
+    model, tokenizer = load_from_args(args, training=True, path=paths["model"], keep_on_cpu=config.fsdp)
     warning = None if args.resume else advice.small_model_warning(model, config)
     if warning and ctx.is_main:
         print(f"pdengine train: {warning}", file=sys.stderr)

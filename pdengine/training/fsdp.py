@@ -42,10 +42,13 @@ _QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
 def refuse_quantized(model) -> None:
     kinds = sorted({type(p).__name__ for p in model.parameters() if type(p).__name__ in _QUANTIZED_PARAMS})
     if kinds:
-        raise InputError(f"--fsdp cannot shard a quantized base ({', '.join(kinds)} weights keep their "
-                         "quantization state outside the tensor; FSDP2 shards them as plain tensors and "
-                         "loses it); train the quantized base without --fsdp (DDP: the base is replicated, "
-                         "only LoRA gradients are summed)")
+        raise InputError(quantized_refusal(", ".join(kinds)))
+
+
+def quantized_refusal(kinds: str = "bitsandbytes") -> str:
+    return (f"--fsdp cannot shard a quantized base ({kinds} weights keep their quantization state outside "
+            "the tensor; FSDP2 shards them as plain tensors and loses it); train the quantized base without "
+            "--fsdp (DDP: the base is replicated, only LoRA gradients are summed)")
 
 
 def decoder_layers(model) -> list:
@@ -61,8 +64,8 @@ def shard_model(model, ctx, bf16: bool) -> None:
 
     The mesh is on this rank's device (`ctx.device()`, the process group's): fully_shard moves
     a module loaded on the CPU there as it shards it, one layer at a time, and the replicated
-    lm_head is moved after. So a base loaded on the CPU never sits whole on one GPU; today's
-    `pdengine train` loads it on the GPU (see docs/DESIGN.md, "Distributed")."""
+    lm_head is moved after. So a base loaded on the CPU (`pdengine train --fsdp` does:
+    loading's keep_on_cpu) never sits whole on one GPU."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
