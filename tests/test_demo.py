@@ -350,3 +350,12 @@ def test_a_killed_training_worker_is_one_error_not_a_hang(monkeypatch, tmp_path)
     cache = SimpleNamespace(path=tmp_path)
     with pytest.raises(CommandError, match="a training worker died.*--workers 1"):
         students._train_in_workers(Stages(lambda line: None), [("pd", 0), ("sft", 0)], tmp_path, cache, cache, cfg)
+
+
+def test_the_demo_refuses_torchrun_in_one_line(monkeypatch, tmp_path, capsys):
+    from pdengine import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 2
+    assert "the demo runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -45,8 +45,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Run the demo; prints the table and writes OUT/report.json. Returns 0 on success."""
-    from pdengine.demo.pipeline import DemoConfig, run_demo
+    import os
 
+    from pdengine.demo.pipeline import DemoConfig, run_demo
+    from pdengine.errors import InputError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would write one OUT at once
+        raise InputError("the demo runs in one process (its trainings run side by side in --workers); "
+                         "launch it without torchrun")
     overrides = {"seed": args.seed, "progress": not args.no_progress, "quantize": args.quantize}
     if args.threads is not None:
         overrides["threads"] = args.threads
