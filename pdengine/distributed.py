@@ -83,17 +83,24 @@ class PeerFailed(InputError):
 def raise_if_any_failed(ctx: Context, error: Exception | None) -> None:
     """Every rank raises when one rank failed a step all of them take (a check, a lock), so no
     rank goes on to wait in a collective the failed one never joins. The failed rank raises
-    its own error; the others an InputError naming it. Every rank must call this."""
+    its own error; the others `PeerFailed` naming it. Every rank must call this."""
     if ctx.distributed:
         messages = [None] * ctx.world_size
         dist.all_gather_object(messages, None if error is None else str(error))
-        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
-        if error is not None and failed[0][0] != ctx.rank and failed[0][1] == str(error):
-            error.shown = False  # the same bad input on several ranks: the first one says it
-        if error is None and failed:
-            raise PeerFailed(f"rank {failed[0][0]} of {ctx.world_size} stopped: {failed[0][1]}", ctx.is_main)
+        _raise_gathered(ctx, error, messages)
     if error is not None:
         raise error
+
+
+def _raise_gathered(ctx: Context, error: Exception | None, messages: list) -> None:
+    """Given every rank's error message (None: no error), raise on every rank when any failed."""
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if error is not None:
+        if failed[0][0] != ctx.rank and failed[0][1] == str(error):
+            error.shown = False  # the same bad input on several ranks: the first one says it
+        raise error
+    if failed:
+        raise PeerFailed(f"rank {failed[0][0]} of {ctx.world_size} stopped: {failed[0][1]}", ctx.is_main)
 
 
 def on_every_rank(ctx: Context, step):
@@ -114,8 +121,8 @@ def map_units(ctx: Context, n_units: int, compute, *, check=None) -> list:
     result (and the same next step: a later round, another method). One process: a plain
     loop. `check` (any picklable value, e.g. a fingerprint of the inputs) must be equal on
     every rank: a difference is a bug that would break the identity with one process.
-    An error in a unit (on any rank) is raised on every rank by `raise_if_any_failed`
-    once the others have finished their units, so no rank waits in a collective."""
+    An error in a unit (on any rank) is raised on every rank once the others have finished
+    their units (the errors travel with the results), so no rank waits in a collective."""
     if not ctx.distributed:
         return [compute(u) for u in range(n_units)]
     results, error = {}, None
@@ -124,13 +131,13 @@ def map_units(ctx: Context, n_units: int, compute, *, check=None) -> list:
             results[u] = compute(u)
     except Exception as e:  # noqa: BLE001  (re-raised below, on this rank as it was)
         error = e
-    raise_if_any_failed(ctx, error)
-    parts = [None] * ctx.world_size
-    dist.all_gather_object(parts, (check, results))
-    if any(c != check for c, _ in parts):
-        raise RuntimeError(f"ranks computed units of different inputs ({[c for c, _ in parts]}); "
+    parts = [None] * ctx.world_size  # one collective: every rank's error, check and results
+    dist.all_gather_object(parts, (None if error is None else str(error), check, results))
+    _raise_gathered(ctx, error, [m for m, _, _ in parts])
+    if any(c != check for _, c, _ in parts):
+        raise RuntimeError(f"ranks computed units of different inputs ({[c for _, c, _ in parts]}); "
                            "every rank must call with the same inputs")
-    merged = {u: r for _, part in parts for u, r in part.items()}
+    merged = {u: r for _, _, part in parts for u, r in part.items()}
     return [merged[u] for u in range(n_units)]
 
 
@@ -148,13 +155,7 @@ def main_holds_lock(ctx: Context, directory, purpose: str):
     from pdengine.locking import DirectoryLock
 
     with ExitStack() as stack:
-        error = None
-        if ctx.is_main:
-            try:
-                stack.enter_context(DirectoryLock(directory, purpose))
-            except InputError as e:
-                error = e
-        raise_if_any_failed(ctx, error)
+        on_main(ctx, lambda: stack.enter_context(DirectoryLock(directory, purpose)))
         yield
 
 
@@ -195,9 +196,10 @@ def context() -> Context:
 
 def shutdown(finished: bool = False) -> None:
     """Leave the process group (end of a command). `finished`: every rank got here without an
-    error, so they first wait for each other; gloo aborts a process ("terminate called without
-    an active exception") that tears its group down while a peer is still talking to it. After
-    an error no rank waits (the failed one may never come), and torchrun ends the job."""
+    error, so they first wait for each other and none closes its connections while a peer is
+    still in a collective. After an error no rank waits (the failed one may never come), and
+    torchrun ends the job. (The abort gloo can cause at interpreter exit is avoided in
+    pdengine/__main__.py.)"""
     global _CONTEXT
     if dist.is_available() and dist.is_initialized():
         if finished:
