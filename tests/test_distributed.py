@@ -17,10 +17,17 @@ def _worker(rank, world, port, out_dir):
     gathered = distributed.map_units(ctx, 7, lambda i: f"unit{i}@{rank}")
     total = ctx.all_reduce_sum(torch.tensor([float(rank + 1)]))
     shared = ctx.broadcast({"from": rank})
+    from pdengine.training import parallel
+
+    reached, unreached = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    if rank == 0:  # a LoRA parameter one rank's share reaches, and one no share reaches
+        reached.grad = torch.full((2,), 3.0)
+    parallel.sync_gradients(ctx, [reached, unreached])
+    grads = {"reached": reached.grad.tolist(), "unreached": unreached.grad}
     ctx.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"units": units, "gathered": gathered, "total": total.item(), "shared": shared,
-                   "is_main": ctx.is_main}, f)
+                   "is_main": ctx.is_main, "grads": grads}, f)
     end_rank()
 
 
@@ -32,6 +39,8 @@ def test_two_ranks_split_round_robin_and_every_rank_gets_all_units_in_order(tmp_
     assert r0["total"] == r1["total"] == 3.0
     assert r0["shared"] == r1["shared"] == {"from": 0}
     assert r0["is_main"] and not r1["is_main"]
+    # summed where any rank has a gradient; None (as one process leaves it) where none has
+    assert r0["grads"] == r1["grads"] == {"reached": [3.0, 3.0], "unreached": None}
 
 
 def test_one_process_is_the_identity(monkeypatch):

@@ -119,10 +119,16 @@ def _local(tensor) -> torch.Tensor:
 def sync_gradients(ctx: Context, params) -> None:
     """Sum over ranks the gradients of the replicated (not FSDP-sharded) parameters.
 
-    A parameter without a gradient gets zeros, so every rank reduces the same buffers."""
+    A parameter without a gradient on this rank but with one on another gets zeros, so every
+    rank reduces the same buffers; one without a gradient on any rank keeps None, as in one
+    process (AdamW then leaves it alone: no weight decay, no step)."""
     if not ctx.distributed:
         return
     replicated = [p for p in params if not is_sharded(p)]
+    if not replicated:
+        return
+    present = torch.tensor([float(p.grad is not None) for p in replicated], device=replicated[0].device)
+    replicated = [p for p, n in zip(replicated, ctx.all_reduce_sum(present).tolist()) if n > 0]
     for p in replicated:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
